@@ -1,0 +1,114 @@
+"""Backends and their live state.
+
+The core keeps every counter here; algorithms read them and never write
+them (as HAProxy's server counters belong to the core, not to ``lb_ops``).
+"""
+
+from __future__ import annotations
+
+import enum
+from urllib.parse import urlsplit
+
+#: Weight of the newest sample in the latency moving average.
+EWMA_ALPHA = 0.3
+
+
+class BackendState(enum.StrEnum):
+    """What status.json shows; a backend in several states shows the first."""
+
+    DISABLED = "disabled"
+    DRAINING = "draining"
+    UNHEALTHY = "unhealthy"
+    EJECTED = "ejected"
+    HEALTHY = "healthy"
+
+
+class Backend:
+    """One upstream server of a pool.
+
+    ``url``, ``weight`` and ``backup`` come from the configuration; the
+    counters ``active_requests``, ``requests_total``, ``failures_total`` and
+    ``latency_ewma_ms`` (None before the first sample) are kept live.
+    """
+
+    __slots__ = (
+        "active_requests",
+        "backup",
+        "base_path",
+        "consecutive_failures",
+        "draining",
+        "ejected_until",
+        "ejections",
+        "enabled",
+        "failures_total",
+        "healthy",
+        "host",
+        "host_header",
+        "latency_ewma_ms",
+        "origin",
+        "port",
+        "removed",
+        "requests_total",
+        "scheme",
+        "url",
+        "weight",
+    )
+
+    def __init__(self, url: str, weight: int = 1, *, backup: bool = False) -> None:
+        parts = urlsplit(url)
+        self.url = url
+        self.weight = weight
+        self.backup = backup
+        self.scheme = parts.scheme
+        self.host = parts.hostname or ""
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        # Prepended to every upstream path; "" when the URL has none.
+        self.base_path = parts.path.rstrip("/")
+        default_port = parts.port is None
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.host_header = host if default_port else f"{host}:{self.port}"
+        self.origin = f"{self.scheme}://{host}:{self.port}"
+        self.enabled = True
+        self.draining = False
+        self.healthy = True
+        self.removed = False
+        self.ejected_until = 0.0
+        self.ejections = 0
+        self.consecutive_failures = 0
+        self.active_requests = 0
+        self.requests_total = 0
+        self.failures_total = 0
+        self.latency_ewma_ms: float | None = None
+
+    @property
+    def state(self) -> BackendState:
+        if not self.enabled:
+            return BackendState.DISABLED
+        if self.draining:
+            return BackendState.DRAINING
+        if not self.healthy:
+            return BackendState.UNHEALTHY
+        if self.ejected_until:
+            return BackendState.EJECTED
+        return BackendState.HEALTHY
+
+    def record_latency(self, ms: float) -> None:
+        old = self.latency_ewma_ms
+        self.latency_ewma_ms = ms if old is None else old + EWMA_ALPHA * (ms - old)
+
+    def as_status(self) -> dict[str, object]:
+        return {
+            "url": self.url,
+            "state": self.state.value,
+            "weight": self.weight,
+            "backup": self.backup,
+            "active_requests": self.active_requests,
+            "requests_total": self.requests_total,
+            "failures_total": self.failures_total,
+            "latency_ewma_ms": (
+                None if self.latency_ewma_ms is None else round(self.latency_ewma_ms, 3)
+            ),
+        }
+
+    def __repr__(self) -> str:
+        return f"<Backend {self.url} weight={self.weight} {self.state.value}>"

@@ -1,0 +1,220 @@
+"""The Balancer: pools, routes, plugins and the proxy engine, built once."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from ._backend import Backend, BackendState
+from ._config import (
+    BalancerConfig,
+    PoolConfig,
+    did_you_mean,
+    load_config,
+    plugin_options,
+)
+from ._exceptions import ConfigError, Problem
+from ._forwarding import TrustedProxies
+from ._plugins import PluginManager, make_plugin_manager
+from ._pool import Pool
+from ._routing import Route, RouteTable
+
+if TYPE_CHECKING:
+    from ._engine_async import AsyncEngine
+    from ._types import SupportsPick
+    from .health._scheduler import HealthScheduler
+
+logger = logging.getLogger("balancekit")
+
+ConfigInput = Mapping[str, Any] | str | os.PathLike[str] | BalancerConfig
+
+_SCHEDULER_KEYS = ("type", "interval", "rise", "fall")
+
+
+class Balancer:
+    """Everything balancekit knows at run time, built from one configuration.
+
+    >>> balancer = Balancer({"pools": {"api": {"backends": ["http://127.0.0.1:9001"]}},
+    ...                      "routes": [{"prefix": "/api/", "pool": "api"}]})
+    >>> balancer.pools["api"].backends[0].url
+    'http://127.0.0.1:9001'
+
+    Every configuration problem, including a plugin's own options, is a
+    :class:`ConfigError` raised here, never on a request. A Balancer is safe
+    to share between threads and tasks, and between adapters.
+    """
+
+    def __init__(
+        self, config: ConfigInput | None = None, *, plugin_manager: PluginManager | None = None
+    ) -> None:
+        self.config = load_config(config if config is not None else {})
+        self.plugins = plugin_manager or make_plugin_manager()
+        self.trusted_proxies = TrustedProxies(self.config.trusted_proxies)
+        self.routes = RouteTable(
+            Route(r.prefix, r.pool, r.strip_prefix) for r in self.config.routes
+        )
+        problems: list[Problem] = []
+        self.pools: dict[str, Pool] = {}
+        self._health: dict[str, tuple[type[Any], dict[str, Any]]] = {}
+        for name, pool_config in self.config.pools.items():
+            pool = self._build_pool(name, pool_config, problems)
+            if pool is not None:
+                self.pools[name] = pool
+        self.store = self._build_store(problems)
+        if problems:
+            raise ConfigError(problems)
+        # Per event loop, and forgotten with the loop: aiohttp sessions and
+        # health-check tasks belong to the loop that made them.
+        self._engines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncEngine] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._schedulers: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, list[HealthScheduler]
+        ] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    # --- construction -------------------------------------------------------------
+
+    def _plugin(self, kind: str, name: str, path: str, problems: list[Problem]) -> type[Any] | None:
+        classes = self.plugins.classes(kind)
+        if name in classes:
+            return classes[name][0]
+        hint = did_you_mean(name, list(classes))
+        known = ", ".join(sorted(classes)) or "none"
+        problems.append(Problem(path, f"unknown {kind} {name!r}{hint} (available: {known})"))
+        return None
+
+    def _construct(
+        self, cls: type[Any], options: dict[str, Any], path: str, problems: list[Problem]
+    ) -> Any:
+        found = plugin_options(path, cls, options)
+        if found:
+            problems.extend(found)
+            return None
+        try:
+            return cls(**options)
+        except (TypeError, ValueError) as exc:
+            problems.append(Problem(path, str(exc)))
+            return None
+
+    def _build_pool(self, name: str, config: PoolConfig, problems: list[Problem]) -> Pool | None:
+        where = f"pools.{name}"
+        cls = self._plugin("algorithm", config.algorithm.name, f"{where}.algorithm", problems)
+        algorithm: SupportsPick | None = None
+        if cls is not None:
+            algorithm = self._construct(
+                cls, config.algorithm.options, f"{where}.algorithm", problems
+            )
+        check = config.health_check
+        if check.type != "none":
+            check_cls = self._plugin(
+                "health check", check.type, f"{where}.health_check.type", problems
+            )
+            if check_cls is not None:
+                options = check.options
+                instance = self._construct(check_cls, options, f"{where}.health_check", problems)
+                if instance is not None:
+                    self._health[name] = (check_cls, options)
+        if config.persistence is not None:
+            self._plugin(
+                "persistence", config.persistence.type, f"{where}.persistence.type", problems
+            )
+        if algorithm is None:
+            return None
+        pool = Pool(name, config, algorithm, on_state_change=self._state_changed)
+        pool.active_checks = name in self._health
+        return pool
+
+    def _build_store(self, problems: list[Problem]) -> Any:
+        scheme = self.config.store.partition("://")[0]
+        cls = self._plugin("store", scheme, "store", problems)
+        if cls is None:
+            return None
+        try:
+            return cls(self.config.store)
+        except (TypeError, ValueError) as exc:
+            problems.append(Problem("store", str(exc)))
+            return None
+
+    # --- run time ----------------------------------------------------------------
+
+    def route_for(self, path: str) -> Route | None:
+        """The route serving ``path`` (already normalised), or None."""
+        return self.routes.match(path)
+
+    def status(self) -> dict[str, Any]:
+        """The same dict as ``status.json``."""
+        return {"pools": {name: pool.status() for name, pool in self.pools.items()}}
+
+    def engine(self) -> AsyncEngine:
+        """The async engine of the running event loop (one per loop)."""
+        loop = asyncio.get_running_loop()
+        engine = self._engines.get(loop)
+        if engine is None:
+            from ._engine_async import AsyncEngine
+
+            with self._lock:
+                engine = self._engines.setdefault(loop, AsyncEngine(self))
+        return engine
+
+    async def astart(self) -> None:
+        """Start the active health checks in the running loop (idempotent)."""
+        from .health._scheduler import HealthScheduler
+
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if loop in self._schedulers:
+                return
+            schedulers = self._schedulers[loop] = []
+        for name, (cls, options) in self._health.items():
+            check = self.config.pools[name].health_check
+            scheduler = HealthScheduler(
+                self.pools[name],
+                cls(**options),
+                interval=check.interval,
+                rise=check.rise,
+                fall=check.fall,
+            )
+            scheduler.start()
+            schedulers.append(scheduler)
+
+    async def aclose(self) -> None:
+        """Stop this loop's health checks and close its upstream connections."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            schedulers = self._schedulers.pop(loop, [])
+            engine = self._engines.pop(loop, None)
+        for scheduler in schedulers:
+            await scheduler.stop()
+        if engine is not None:
+            await engine.aclose()
+
+    def _state_changed(
+        self, pool: Pool, backend: Backend, old: BackendState, new: BackendState
+    ) -> None:
+        logger.info("pool %s: backend %s %s -> %s", pool.name, backend.url, old.value, new.value)
+        hook = self.plugins.pm.hook.balancekit_backend_state_changed
+        for impl in hook.get_hookimpls():
+            try:
+                impl.function(pool=pool, backend=backend, old=old, new=new)
+            except Exception:  # an observer's bug must not affect balancing
+                logger.exception(
+                    "plugin %r failed in balancekit_backend_state_changed",
+                    self.plugins.pm.get_name(impl.plugin),
+                )
+
+
+def balancer_from(config: ConfigInput | None, balancer: Balancer | None) -> Balancer:
+    """What every adapter does with its ``config=`` / ``balancer=`` arguments."""
+    if balancer is not None and config is not None:
+        raise TypeError("pass either config= or balancer=, not both")
+    if balancer is not None:
+        return balancer
+    if config is None:
+        raise TypeError("balancekit needs config= (a dict or a TOML path) or balancer=")
+    return Balancer(config)

@@ -1,0 +1,462 @@
+"""The configuration schema: parsed once, at start-up, into frozen models.
+
+The same schema is accepted from a dict, a TOML file or a ready
+``BalancerConfig``. pydantic does the type checking; this module turns its
+errors into balancekit's own messages, each naming the key path the way a
+user wrote it (``pools.api.backends[1].weight: must be a positive integer,
+got -3``), with a "did you mean" for unknown keys.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+
+from ._exceptions import ConfigError, Problem
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+DEFAULT_TIMEOUTS = {"connect": 5.0, "read": 60.0, "write": 60.0}
+DEFAULT_RETRIES = {"attempts": 2, "budget_percent": 20}
+TRANSPORTS = ("aiohttp", "httpx")
+
+
+def _positive_int(value: int) -> int:
+    if value <= 0:
+        raise ValueError(f"must be a positive integer, got {value!r}")
+    return value
+
+
+def _non_negative_int(value: int) -> int:
+    if value < 0:
+        raise ValueError(f"must be zero or a positive integer, got {value!r}")
+    return value
+
+
+def _positive_duration(value: float) -> float:
+    if not value > 0:
+        raise ValueError(f"must be a positive number of seconds, got {value!r}")
+    return value
+
+
+def _non_negative_duration(value: float) -> float:
+    if not value >= 0:
+        raise ValueError(f"must be zero or a positive number of seconds, got {value!r}")
+    return value
+
+
+def _percent(value: float) -> float:
+    if not 0 <= value <= 100:
+        raise ValueError(f"must be a percentage from 0 to 100, got {value!r}")
+    return value
+
+
+def _cidrs(value: Any) -> tuple[IPNetwork, ...]:
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"must be a list of CIDRs such as '10.0.0.0/8', got {value!r}")
+    networks = []
+    for item in value:
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"must be a list of CIDRs such as '10.0.0.0/8', got {item!r}"
+            ) from None
+    return tuple(networks)
+
+
+PositiveInt = Annotated[int, AfterValidator(_positive_int)]
+NonNegativeInt = Annotated[int, AfterValidator(_non_negative_int)]
+Duration = Annotated[float, AfterValidator(_positive_duration)]
+OptionalDuration = Annotated[float, AfterValidator(_non_negative_duration)]
+Percent = Annotated[float, AfterValidator(_percent)]
+CIDRList = Annotated[tuple[IPNetwork, ...], BeforeValidator(_cidrs)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class _PluginTable(BaseModel):
+    """A table whose other keys belong to a plugin, checked when it is built."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+def _url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+    if not parts.hostname:
+        raise ValueError(f"must name a host, got {value!r}")
+    try:
+        parts.port  # noqa: B018 -- raises on a port out of range
+    except ValueError:
+        raise ValueError(f"has an invalid port, got {value!r}") from None
+    if parts.query or parts.fragment:
+        raise ValueError(f"must not carry a query or fragment, got {value!r}")
+    return value
+
+
+def _table_from_url(value: Any) -> Any:
+    return {"url": value} if isinstance(value, str) else value
+
+
+def _table_from_name(value: Any) -> Any:
+    return {"name": value} if isinstance(value, str) else value
+
+
+def _table_from_type(value: Any) -> Any:
+    return {"type": value} if isinstance(value, str) else value
+
+
+class BackendConfig(_Model):
+    url: Annotated[str, AfterValidator(_url)]
+    weight: PositiveInt = 1
+    backup: bool = False
+
+
+class AlgorithmConfig(_PluginTable):
+    name: str = "round_robin"
+
+
+class TimeoutsConfig(_Model):
+    connect: Duration = DEFAULT_TIMEOUTS["connect"]
+    read: Duration = DEFAULT_TIMEOUTS["read"]
+    write: Duration = DEFAULT_TIMEOUTS["write"]
+
+
+class RetriesConfig(_Model):
+    attempts: PositiveInt = DEFAULT_RETRIES["attempts"]
+    budget_percent: Percent = DEFAULT_RETRIES["budget_percent"]
+
+
+class HealthCheckConfig(_PluginTable):
+    """``type`` and the scheduler's keys; the rest go to the check plugin."""
+
+    type: str = "none"
+    interval: Duration = 5.0
+    rise: PositiveInt = 2
+    fall: PositiveInt = 3
+
+
+class OutlierDetectionConfig(_Model):
+    consecutive_failures: PositiveInt = 5
+    base_ejection_time: Duration = 30.0
+    max_ejection_time: Duration = 300.0
+    max_ejection_percent: Percent = 50
+
+
+class PersistenceConfig(_PluginTable):
+    type: str
+
+
+class PoolConfig(_Model):
+    algorithm: Annotated[AlgorithmConfig, BeforeValidator(_table_from_name)] = AlgorithmConfig()
+    backends: list[Annotated[BackendConfig, BeforeValidator(_table_from_url)]] = Field(
+        default_factory=list
+    )
+    preserve_host: bool = False
+    max_connections: PositiveInt = 1024
+    panic_threshold: Percent = 50
+    slow_start: OptionalDuration = 0.0
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    retries: RetriesConfig = RetriesConfig()
+    health_check: Annotated[HealthCheckConfig, BeforeValidator(_table_from_type)] = (
+        HealthCheckConfig()
+    )
+    outlier_detection: OutlierDetectionConfig | None = None
+    persistence: Annotated[PersistenceConfig | None, BeforeValidator(_table_from_type)] = None
+
+    @field_validator("backends")
+    @classmethod
+    def _unique_urls(cls, backends: list[BackendConfig]) -> list[BackendConfig]:
+        seen: set[str] = set()
+        for backend in backends:
+            if backend.url in seen:
+                raise ValueError(f"lists {backend.url!r} twice")
+            seen.add(backend.url)
+        return backends
+
+
+def _prefix(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError(f"must start with '/', got {value!r}")
+    return value
+
+
+class RouteConfig(_Model):
+    prefix: Annotated[str, AfterValidator(_prefix)]
+    pool: str
+    strip_prefix: bool = False
+
+
+def _status_path(value: str) -> str:
+    _prefix(value)
+    return value if value.endswith("/") else value + "/"
+
+
+class StatusConfig(_Model):
+    enabled: bool = False
+    path: Annotated[str, AfterValidator(_status_path)] = "/balancekit/"
+    token: str = ""
+    allow: CIDRList = ()
+
+
+def _secrets(value: Any) -> Any:
+    if isinstance(value, list) and not value:
+        raise ValueError("must be a string or a non-empty list of strings, got []")
+    return value
+
+
+class BalancerConfig(_Model):
+    """The whole configuration, validated. Build it with :func:`load_config`."""
+
+    secret: Annotated[str | list[str] | None, BeforeValidator(_secrets)] = None
+    store: str = "memory://"
+    trusted_proxies: CIDRList = ()
+    transport: str = "aiohttp"
+    access_log: bool = False
+    pools: dict[str, PoolConfig] = Field(default_factory=dict)
+    routes: list[RouteConfig] = Field(default_factory=list)
+    status: StatusConfig = StatusConfig()
+
+    @field_validator("transport")
+    @classmethod
+    def _known_transport(cls, value: str) -> str:
+        if value not in TRANSPORTS:
+            raise ValueError(f"must be one of {', '.join(map(repr, TRANSPORTS))}, got {value!r}")
+        return value
+
+    @property
+    def secrets(self) -> list[str]:
+        """The signing secrets: the first signs, all verify."""
+        if self.secret is None:
+            return []
+        return [self.secret] if isinstance(self.secret, str) else list(self.secret)
+
+
+# --- turning pydantic's errors into ours -------------------------------------
+
+# For "did you mean": how to step from a model into its children.
+_CHILDREN: dict[type[BaseModel], dict[str, tuple[str, type[BaseModel]]]] = {
+    BalancerConfig: {
+        "pools": ("dict", PoolConfig),
+        "routes": ("list", RouteConfig),
+        "status": ("one", StatusConfig),
+    },
+    PoolConfig: {
+        "backends": ("list", BackendConfig),
+        "timeouts": ("one", TimeoutsConfig),
+        "retries": ("one", RetriesConfig),
+        "outlier_detection": ("one", OutlierDetectionConfig),
+    },
+}
+
+_TYPE_NAMES = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "tuple_type": "a list",
+    "dict_type": "a table",
+    "model_type": "a table",
+    "model_attributes_type": "a table",
+}
+
+
+def format_path(loc: tuple[int | str, ...]) -> str:
+    """``("pools", "api", "backends", 1, "weight")`` -> ``pools.api.backends[1].weight``."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path
+
+
+def did_you_mean(key: str, candidates: list[str] | tuple[str, ...]) -> str:
+    """``"; did you mean 'x'?"`` when a candidate is close, else ``""``."""
+    close = difflib.get_close_matches(key, list(candidates), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _fields_at(loc: tuple[int | str, ...]) -> list[str]:
+    model: type[BaseModel] = BalancerConfig
+    parts = list(loc)
+    while parts:
+        step = _CHILDREN.get(model, {}).get(str(parts.pop(0)))
+        if step is None:
+            return []
+        kind, model = step
+        if kind != "one" and parts:
+            parts.pop(0)
+    return list(model.model_fields)
+
+
+def _problem(error: Any) -> Problem:
+    loc = tuple(part for part in error["loc"] if not _is_union_tag(part))
+    kind = error["type"]
+    value = error.get("input")
+    if kind == "extra_forbidden":
+        hint = did_you_mean(str(loc[-1]), _fields_at(loc[:-1]))
+        return Problem(format_path(loc), f"unknown key{hint}")
+    if kind == "missing":
+        return Problem(format_path(loc), "is required")
+    if kind == "value_error":
+        message = str(error["msg"]).removeprefix("Value error, ")
+        return Problem(format_path(loc), message)
+    if kind in _TYPE_NAMES:
+        return Problem(format_path(loc), f"must be {_TYPE_NAMES[kind]}, got {value!r}")
+    return Problem(format_path(loc), f"{error['msg'][:1].lower()}{error['msg'][1:]}, got {value!r}")
+
+
+def _is_union_tag(part: int | str) -> bool:
+    # pydantic puts the member type of a union into the location
+    return isinstance(part, str) and (
+        part in ("str", "list[str]", "none") or part.startswith(("function-", "tuple["))
+    )
+
+
+def _merge(problems: list[Problem]) -> list[Problem]:
+    # A union (``secret``: a string or a list) fails once per member type;
+    # say it once: "must be a string or a list, got 3".
+    out: list[Problem] = []
+    for problem in problems:
+        before = out[-1] if out else None
+        if before is not None and before.path == problem.path:
+            first, _, got = before.message.partition(", got ")
+            second = problem.message.partition(", got ")[0]
+            if got and first.startswith("must be ") and second.startswith("must be "):
+                message = f"{first} or {second.removeprefix('must be ')}, got {got}"
+                out[-1] = Problem(problem.path, message)
+                continue
+        out.append(problem)
+    return out
+
+
+def _cross_checks(config: BalancerConfig) -> list[Problem]:
+    problems = []
+    pool_names = list(config.pools)
+    for i, route in enumerate(config.routes):
+        if route.pool not in config.pools:
+            hint = did_you_mean(route.pool, pool_names)
+            problems.append(Problem(f"routes[{i}].pool", f"unknown pool {route.pool!r}{hint}"))
+    for name, pool in config.pools.items():
+        if (
+            pool.persistence is not None
+            and pool.persistence.type == "cookie"
+            and not config.secrets
+        ):
+            problems.append(
+                Problem(
+                    f"pools.{name}.persistence",
+                    "cookie persistence signs its cookies: set the top-level 'secret'",
+                )
+            )
+    return problems
+
+
+def load_config(
+    source: Mapping[str, Any] | str | os.PathLike[str] | BalancerConfig,
+) -> BalancerConfig:
+    """Validate a configuration from a dict, a TOML file path or a parsed config.
+
+    Raises :class:`ConfigError` listing every problem, each with its key path.
+    """
+    if isinstance(source, BalancerConfig):
+        return source
+    if isinstance(source, str | os.PathLike):
+        source = _read_toml(Path(source))
+    if not isinstance(source, Mapping):
+        raise ConfigError(
+            f"configuration must be a dict, a TOML file path or a BalancerConfig, got {source!r}"
+        )
+    try:
+        config = BalancerConfig.model_validate(dict(source))
+    except ValidationError as exc:
+        raise ConfigError(_merge([_problem(error) for error in exc.errors()])) from None
+    problems = _cross_checks(config)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def validate_backend(url: str, weight: int = 1, *, backup: bool = False) -> BackendConfig:
+    """Check a backend added at run time as the config would; ConfigError if bad."""
+    try:
+        return BackendConfig(url=url, weight=weight, backup=backup)
+    except ValidationError as exc:
+        raise ConfigError([_problem(error) for error in exc.errors()]) from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such configuration file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read: {exc.strerror}") from None
+
+
+def plugin_options(path: str, cls: type, options: Mapping[str, Any]) -> list[Problem]:
+    """Check a plugin table's keys against its class's keyword arguments.
+
+    The constructor's signature is the schema: an unknown key is a problem
+    with its path, before the constructor could fail with a ``TypeError``.
+    """
+    import inspect
+
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return []
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return []
+    accepted = [
+        n
+        for n, p in params.items()
+        if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        and n not in ("rng", "clock")
+    ]
+    problems = [
+        Problem(f"{path}.{key}", f"unknown key{did_you_mean(key, accepted)}")
+        for key in options
+        if key not in accepted
+    ]
+    required = [
+        n
+        for n, p in params.items()
+        if p.default is inspect.Parameter.empty
+        and p.kind is inspect.Parameter.KEYWORD_ONLY
+        and n not in options
+    ]
+    problems += [Problem(f"{path}.{n}", "is required") for n in required]
+    return problems

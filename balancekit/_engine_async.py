@@ -1,0 +1,376 @@
+"""The async proxy engine: one routed ASGI request in, one upstream exchange out.
+
+Bodies stream both ways with back-pressure: the request body is read from
+``receive`` only as fast as the upstream takes it, and each upstream chunk
+is sent on before the next is read. Every decision (which backend, whether
+to retry, which headers) is made by the I/O-free core; this module only
+moves bytes and keeps the counters honest on every path out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+from ._decision import is_failure, may_retry
+from ._exceptions import NoEligibleBackend, ProxyError
+from ._forwarding import downstream_response_headers, upstream_request_headers
+from ._problem import bad_request, problem_response
+from ._request import RequestInfo
+from ._transports import make_async_transport
+
+if TYPE_CHECKING:
+    from ._backend import Backend
+    from ._balancer import Balancer
+    from ._pool import Pool
+    from ._routing import Route
+    from ._transports import UpstreamResponse
+    from ._types import RawHeaders, Receive, Scope, Send
+
+logger = logging.getLogger("balancekit")
+access_logger = logging.getLogger("balancekit.access")
+
+_WS_SCHEMES = {"ws": "http", "wss": "https"}
+
+
+class ClientDisconnected(Exception):
+    """The client went away while its request body was being read."""
+
+
+class RequestBody:
+    """The client's body, pulled from ``receive`` as the upstream asks for it.
+
+    ``started`` tells whether any of it was consumed: a body not yet read
+    can still be sent to another backend on a retry.
+    """
+
+    __slots__ = ("_on_complete", "_receive", "done", "started")
+
+    def __init__(self, receive: Receive, on_complete: Callable[[], None]) -> None:
+        self._receive = receive
+        self._on_complete = on_complete
+        self.started = False
+        self.done = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        self.started = True
+        while not self.done:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected
+            body = message.get("body", b"")
+            if not message.get("more_body", False):
+                self.done = True
+                self._on_complete()
+            if body:
+                yield body
+
+
+def _framing_error(headers: RawHeaders) -> str | None:
+    """Why the request's body framing is unsafe to forward, or None.
+
+    ASGI servers reject most of these themselves; checking again costs one
+    pass and closes the door on smuggling through a lenient server.
+    """
+    lengths = []
+    chunked = False
+    for name, value in headers:
+        if name == b"content-length":
+            lengths.append(value)
+        elif name == b"transfer-encoding":
+            chunked = True
+    if chunked and lengths:
+        return "both Content-Length and Transfer-Encoding"
+    if lengths and (len(set(lengths)) > 1 or not lengths[0].isdigit()):
+        return "invalid Content-Length"
+    return None
+
+
+def _has_body(headers: RawHeaders) -> bool:
+    for name, value in headers:
+        if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
+            return True
+    return False
+
+
+class AsyncEngine:
+    """Proxies routed requests of one event loop through one transport."""
+
+    def __init__(self, balancer: Balancer) -> None:
+        self.balancer = balancer
+        self.transport = make_async_transport(balancer.config.transport)
+        self._ws_transport: Any = None
+        self._started = False
+        self.access_log = balancer.config.access_log
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
+        if self._ws_transport is not None:
+            await self._ws_transport.aclose()
+
+    async def handle(
+        self, route: Route, path: str, raw_path: str, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        """Proxy one request matched by ``route``; ``raw_path`` is normalised."""
+        if not self._started:
+            # No lifespan from the server: start the health checks now.
+            self._started = True
+            await self.balancer.astart()
+        pool = self.balancer.pools[route.pool]
+        if scope["type"] == "websocket":
+            from ._websocket import proxy_websocket
+
+            if self._ws_transport is None:
+                from ._transports.aiohttp import AiohttpTransport
+
+                self._ws_transport = AiohttpTransport()
+            await proxy_websocket(self, pool, route, path, raw_path, scope, receive, send)
+            return
+        headers: RawHeaders = scope["headers"]
+        problem = _framing_error(headers)
+        if problem is not None:
+            await _respond(send, *bad_request(f"refused: {problem}"))
+            return
+        await _Exchange(self, pool, route, path, raw_path, scope, receive, send).run()
+
+    def request_info(self, path: str, scope: Scope) -> RequestInfo:
+        client = scope.get("client")
+        scheme: str = scope.get("scheme") or "http"
+        return RequestInfo(
+            scope.get("method", "GET"),
+            path,
+            query=scope.get("query_string", b"").decode("latin-1"),
+            headers=scope["headers"],
+            client_ip=client[0] if client else "",
+            scheme=_WS_SCHEMES.get(scheme, scheme),
+        )
+
+    def upstream_headers(self, pool: Pool, request: RequestInfo) -> RawHeaders:
+        return upstream_request_headers(
+            request.raw_headers,
+            client_ip=request.client_ip or "unknown",
+            scheme=request.scheme,
+            trusted=request.client_ip in self.balancer.trusted_proxies,
+            host=None if pool.config.preserve_host else b"",
+        )
+
+
+def with_host(headers: RawHeaders, backend: Backend, preserve_host: bool) -> RawHeaders:
+    """``headers`` with the backend's Host in front (unless the client's is kept)."""
+    if preserve_host:
+        return headers
+    return [(b"host", backend.host_header.encode("latin-1")), *headers[1:]]
+
+
+async def _respond(
+    send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes
+) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class _Exchange:
+    """One proxied HTTP request, with its retries. Lives for one request."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        pool: Pool,
+        route: Route,
+        path: str,
+        raw_path: str,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        self.engine = engine
+        self.pool = pool
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.request = engine.request_info(path, scope)
+        query = self.request.query
+        self.target = route.upstream_path(raw_path) + (f"?{query}" if query else "")
+        self.task = asyncio.current_task()
+        self.watcher: asyncio.Task[None] | None = None
+        self.disconnected = False
+        self.finished = False
+        self.response_started = False
+        self.body = (
+            RequestBody(receive, self._watch_disconnect) if _has_body(scope["headers"]) else None
+        )
+
+    # --- disconnect detection -------------------------------------------------------
+
+    def _watch_disconnect(self) -> None:
+        # Once the request body is read, receive() answers only when the
+        # client goes away: that is when to cancel the upstream request.
+        self.watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                break
+        if not self.finished and self.task is not None:
+            self.disconnected = True
+            self.task.cancel()
+
+    # --- the exchange -------------------------------------------------------------
+
+    async def run(self) -> None:
+        if self.body is None:
+            self._watch_disconnect()
+        try:
+            await self._run()
+        except asyncio.CancelledError:
+            if not self.disconnected or self.task is None:
+                raise
+            self.task.uncancel()  # the client left: nothing to answer, nobody to tell
+        except ClientDisconnected:
+            pass
+        except Exception:  # the request boundary: a bug here must not kill the worker
+            logger.exception("pool %s: unexpected error while proxying", self.pool.name)
+            if self.response_started:
+                raise  # the server drops the connection: the client sees it cut
+            self.finished = True
+            await _respond(
+                self.send,
+                *problem_response(
+                    ProxyError("the balancer failed to proxy the request", pool=self.pool.name)
+                ),
+            )
+        finally:
+            self.finished = True
+            if self.watcher is not None:
+                self.watcher.cancel()
+
+    async def _run(self) -> None:
+        pool = self.pool
+        method = self.request.method
+        headers = self.engine.upstream_headers(pool, self.request)
+        preserve_host = pool.config.preserve_host
+        transport = self.engine.transport
+        attempt = 0
+        exclude: Backend | None = None
+        in_budget = False
+        try:
+            while True:
+                attempt += 1
+                try:
+                    backend = pool.acquire(self.request, exclude=exclude)
+                except NoEligibleBackend as exc:
+                    await self._problem(exc)
+                    return
+                started = time.perf_counter()
+                try:
+                    response = await transport.send(
+                        backend,
+                        method,
+                        self.target,
+                        with_host(headers, backend, preserve_host),
+                        self.body,
+                        pool.timeouts,
+                        pool=pool.name,
+                    )
+                except ProxyError as exc:
+                    pool.release(backend, ok=False, latency_ms=_ms_since(started))
+                    if in_budget:
+                        pool.release_retry()
+                        in_budget = False
+                    if self.disconnected_during_body(exc):
+                        return
+                    retry = may_retry(
+                        exc,
+                        method=method,
+                        attempt=attempt,
+                        attempts=pool.retries.attempts,
+                        response_started=False,
+                        body_replayable=self.body is None or not self.body.started,
+                    )
+                    if retry and pool.try_acquire_retry():
+                        in_budget = True
+                        exclude = backend
+                        continue
+                    await self._problem(exc)
+                    return
+                except BaseException:
+                    pool.release(backend, ok=False, latency_ms=None)
+                    raise
+                await self._relay(backend, response, started)
+                return
+        finally:
+            if in_budget:
+                pool.release_retry()
+
+    def disconnected_during_body(self, exc: ProxyError) -> bool:
+        # aiohttp reports our body iterator's ClientDisconnected as its own error
+        cause = exc.__cause__
+        while cause is not None:
+            if isinstance(cause, ClientDisconnected):
+                return True
+            cause = cause.__cause__
+        return False
+
+    async def _relay(self, backend: Backend, response: UpstreamResponse, started: float) -> None:
+        """Stream the upstream response to the client, then settle the counters."""
+        pool = self.pool
+        ok = False
+        latency: float | None = None
+        try:
+            status = response.status
+            await self.send(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": downstream_response_headers(response.headers),
+                }
+            )
+            self.response_started = True
+            send = self.send
+            async for chunk in response.stream():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            self.finished = True
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            ok = not is_failure(status)
+            latency = _ms_since(started)
+            if self.engine.access_log:
+                self._log(backend, status, latency)
+        except ProxyError:
+            # Response bytes already reached the client: too late for a 502.
+            # Ending without completing the response makes the server drop
+            # the connection, so the client sees a truncated response.
+            logger.warning("pool %s: upstream failed mid-response", pool.name)
+        finally:
+            pool.release(backend, ok=ok, latency_ms=latency)
+            await response.aclose()
+
+    async def _problem(self, error: ProxyError) -> None:
+        logger.warning("pool %s: %s", self.pool.name, error.detail)
+        if self.engine.access_log:
+            self._log(None, error.status_code, None)
+        self.finished = True
+        await _respond(self.send, *problem_response(error))
+
+    def _log(self, backend: Backend | None, status: int, latency: float | None) -> None:
+        request = self.request
+        access_logger.info(
+            '%s "%s %s" %d pool=%s backend=%s %.1fms',
+            request.client_ip or "-",
+            request.method,
+            self.target,
+            status,
+            self.pool.name,
+            backend.url if backend else "-",
+            latency or 0.0,
+        )
+
+
+def _ms_since(started: float) -> float:
+    return (time.perf_counter() - started) * 1000.0
+
+
+__all__ = ["AsyncEngine", "ClientDisconnected", "RequestBody"]

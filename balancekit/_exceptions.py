@@ -1,0 +1,101 @@
+"""Every error balancekit raises, in one tree.
+
+::
+
+    BalancekitError
+      ConfigError              bad configuration; raised at start-up; .problems
+      PluginError              a plugin broke the rules (duplicate name, bad class)
+      StoreError               a store's backend failed; wraps the driver's exception
+      ProxyError               request-time; carries .pool, never a backend address
+        NoEligibleBackend      -> 503 with Retry-After
+        UpstreamError          -> 502
+          UpstreamConnectError   nothing was sent; always safe to retry
+          UpstreamProtocolError  the backend answered something that is not HTTP
+        UpstreamTimeout        -> 504
+
+Transports translate their library's exceptions into this tree at one
+boundary each, so the engines never see an aiohttp or httpx exception.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class BalancekitError(Exception):
+    """Base class of every balancekit error."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One configuration problem: where (a key path) and what."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class ConfigError(BalancekitError, ValueError):
+    """The configuration is invalid. Raised at start-up, never per request.
+
+    ``problems`` lists every problem found; ``str()`` shows one per line,
+    each as ``key.path: what is wrong``.
+    """
+
+    def __init__(self, problems: list[Problem] | str) -> None:
+        if isinstance(problems, str):
+            problems = [Problem("", problems)]
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+class PluginError(BalancekitError):
+    """A plugin broke the plugin rules."""
+
+
+class StoreError(BalancekitError):
+    """A store could not be reached or answered with an error."""
+
+
+class ProxyError(BalancekitError):
+    """A request could not be proxied. ``str()`` names the pool, never a backend."""
+
+    status_code = 502
+    title = "Bad Gateway"
+
+    def __init__(self, detail: str, *, pool: str = "") -> None:
+        self.pool = pool
+        self.detail = detail
+        super().__init__(detail)
+
+
+class NoEligibleBackend(ProxyError):
+    status_code = 503
+    title = "Service Unavailable"
+
+
+class UpstreamError(ProxyError):
+    """The upstream failed after the request may have been sent."""
+
+    #: True when the request reached the backend (even in part). A request
+    #: that was never sent is always safe to retry.
+    request_sent = True
+
+
+class UpstreamConnectError(UpstreamError):
+    request_sent = False
+
+
+class UpstreamProtocolError(UpstreamError):
+    pass
+
+
+class UpstreamTimeout(ProxyError):
+    status_code = 504
+    title = "Gateway Timeout"
+
+    def __init__(self, detail: str, *, pool: str = "", request_sent: bool = True) -> None:
+        super().__init__(detail, pool=pool)
+        self.request_sent = request_sent

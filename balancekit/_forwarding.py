@@ -1,0 +1,137 @@
+"""Header rewriting in both directions: hop-by-hop removal and X-Forwarded-*.
+
+RFC 9110 section 7.6.1: hop-by-hop headers, and every header a Connection
+header names, apply to one connection and are never forwarded.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+
+from ._config import IPNetwork
+from ._types import RawHeaders
+
+HOP_BY_HOP_HEADERS = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+_FORWARDED = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")
+
+
+def _connection_tokens(headers: RawHeaders) -> frozenset[bytes]:
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    return frozenset(tokens)
+
+
+class TrustedProxies:
+    """``address in trusted``: whether an address is in ``trusted_proxies``.
+
+    Answers are cached per address (up to a bound), so a busy client costs
+    one dict probe per request instead of a CIDR scan.
+    """
+
+    def __init__(self, networks: Sequence[IPNetwork]) -> None:
+        self.networks = tuple(networks)
+        self._cache: dict[str, bool] = {}
+
+    def __contains__(self, address: object) -> bool:
+        if not self.networks or not isinstance(address, str):
+            return False
+        hit = self._cache.get(address)
+        if hit is None:
+            hit = self._lookup(address)
+            if len(self._cache) < 4096:
+                self._cache[address] = hit
+        return hit
+
+    def _lookup(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.networks)
+
+
+def upstream_request_headers(
+    headers: RawHeaders,
+    *,
+    client_ip: str,
+    scheme: str,
+    trusted: bool,
+    host: bytes | None,
+) -> RawHeaders:
+    """The headers to send upstream.
+
+    ``host`` is the Host to send (the backend's), or None to keep the
+    client's (``preserve_host``). X-Forwarded-For/Proto/Host are set from
+    this hop; when the client is a trusted proxy its own values are kept and
+    For is appended to.
+    """
+    drop = HOP_BY_HOP_HEADERS
+    if any(name == b"connection" for name, _ in headers):
+        drop = drop | _connection_tokens(headers)
+    out: RawHeaders = []
+    client_host = b""
+    seen_for: list[bytes] = []
+    seen_proto = seen_host = False
+    for name, value in headers:
+        lname = name.lower()
+        if lname in drop:
+            continue
+        if lname == b"host":
+            client_host = value
+            if host is not None:
+                continue
+        elif lname in _FORWARDED:
+            if not trusted:
+                continue
+            if lname == b"x-forwarded-for":
+                seen_for.append(value)
+                continue
+            if lname == b"x-forwarded-proto":
+                seen_proto = True
+            else:
+                seen_host = True
+        out.append((lname, value))
+    if host is not None:
+        out.insert(0, (b"host", host))
+    ip = client_ip.encode("latin-1")
+    out.append((b"x-forwarded-for", b", ".join([*seen_for, ip]) if seen_for else ip))
+    if not seen_proto:
+        out.append((b"x-forwarded-proto", scheme.encode("latin-1")))
+    if not seen_host and client_host:
+        out.append((b"x-forwarded-host", client_host))
+    return out
+
+
+#: Headers the serving ASGI server writes itself; the upstream's copies are
+#: dropped so a client never gets two (NGINX hides them by default too).
+SERVER_OWNED_HEADERS = frozenset({b"date", b"server"})
+
+
+def downstream_response_headers(headers: Sequence[tuple[bytes, bytes]]) -> RawHeaders:
+    """The upstream response's headers without hop-by-hop ones; repeats kept."""
+    drop = HOP_BY_HOP_HEADERS | SERVER_OWNED_HEADERS
+    out: RawHeaders = []
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"connection":
+            drop = drop | _connection_tokens([(lname, value)])
+    for name, value in headers:
+        lname = name.lower()
+        if lname not in drop:
+            out.append((lname, value))
+    return out

@@ -1,0 +1,273 @@
+"""Pools: a set of backends, who is eligible, and the pick.
+
+Eligibility (enabled, not draining, healthy, not ejected) changes only on
+events, so the eligible lists are rebuilt then, not per request. The one
+per-request condition, ``max_connections``, is filtered only while some
+backend is actually at its limit.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ._backend import Backend, BackendState
+from ._config import validate_backend
+from ._exceptions import NoEligibleBackend
+
+if TYPE_CHECKING:
+    from ._config import PoolConfig
+    from ._request import RequestInfo
+    from ._types import SupportsPick
+
+logger = logging.getLogger("balancekit")
+
+StateListener = Callable[["Pool", Backend, BackendState, BackendState], None]
+
+#: Retries allowed in flight whatever the budget says (Envoy's floor).
+RETRY_BUDGET_FLOOR = 3
+
+
+class Pool:
+    """A named group of backends balanced by one algorithm.
+
+    Safe to share between threads and tasks: every mutation and every pick
+    happens under one lock, which is never held across I/O.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        config: PoolConfig,
+        algorithm: SupportsPick,
+        *,
+        on_state_change: StateListener | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.algorithm = algorithm
+        self.max_connections = config.max_connections
+        self.timeouts = config.timeouts
+        self.retries = config.retries
+        self.outlier = config.outlier_detection
+        #: Set by the balancer when active checks run: new backends then wait
+        #: for their first passing check before they take traffic.
+        self.active_checks = False
+        self._clock = clock
+        self._on_state_change = on_state_change
+        self._lock = threading.RLock()
+        self.backends: list[Backend] = []
+        self._by_url: dict[str, Backend] = {}
+        self._primary: tuple[Backend, ...] = ()
+        self._backup: tuple[Backend, ...] = ()
+        self._saturated = 0
+        self._next_expiry = float("inf")
+        self.active_requests = 0
+        self.retries_active = 0
+        for backend in config.backends:
+            self._add(Backend(backend.url, backend.weight, backup=backend.backup))
+        self._rebuild()
+
+    # --- the request path ---------------------------------------------------
+
+    def acquire(self, request: RequestInfo, *, exclude: Backend | None = None) -> Backend:
+        """Pick a backend for ``request`` and count the request as in flight.
+
+        ``exclude`` is a backend that just failed this request; it is skipped
+        when another is eligible. Raises :class:`NoEligibleBackend`.
+        """
+        if self._next_expiry <= self._clock():
+            self._expire_ejections()
+        with self._lock:
+            candidates = self._primary or self._backup
+            if self._saturated:
+                limit = self.max_connections
+                candidates = tuple(b for b in candidates if b.active_requests < limit)
+                if not candidates:
+                    backups = tuple(b for b in self._backup if b.active_requests < limit)
+                    candidates = backups
+            if exclude is not None and len(candidates) > 1 and exclude in candidates:
+                candidates = tuple(b for b in candidates if b is not exclude)
+            if not candidates:
+                raise NoEligibleBackend(
+                    f"no eligible backend in pool {self.name!r}", pool=self.name
+                )
+            backend = self.algorithm.pick(candidates, request)
+            backend.active_requests += 1
+            backend.requests_total += 1
+            self.active_requests += 1
+            if backend.active_requests == self.max_connections:
+                self._saturated += 1
+            return backend
+
+    def release(self, backend: Backend, *, ok: bool, latency_ms: float | None) -> None:
+        """Finish a request on ``backend``: counters, latency, outlier detection.
+
+        ``ok`` is False for a connection error, a timeout or a 5xx answer
+        (as Envoy's ``consecutive_5xx``); ``latency_ms`` is None when there
+        is no meaningful sample (the client went away).
+        """
+        changed = None
+        with self._lock:
+            if backend.active_requests == self.max_connections:
+                self._saturated -= 1
+            backend.active_requests -= 1
+            self.active_requests -= 1
+            if latency_ms is not None:
+                backend.record_latency(latency_ms)
+            if ok:
+                backend.consecutive_failures = 0
+            else:
+                backend.failures_total += 1
+                backend.consecutive_failures += 1
+                changed = self._maybe_eject(backend)
+        if changed is not None:
+            self._notify(backend, *changed)
+
+    def try_acquire_retry(self) -> bool:
+        """Take a place in the retry budget; False when it is spent."""
+        with self._lock:
+            budget = max(
+                RETRY_BUDGET_FLOOR, self.active_requests * self.retries.budget_percent / 100
+            )
+            if self.retries_active >= budget:
+                return False
+            self.retries_active += 1
+            return True
+
+    def release_retry(self) -> None:
+        with self._lock:
+            self.retries_active -= 1
+
+    # --- runtime control ------------------------------------------------------
+
+    def add_backend(self, url: str, weight: int = 1, *, backup: bool = False) -> Backend:
+        """Add a backend at runtime; it takes traffic at once."""
+        validate_backend(url, weight, backup=backup)
+        with self._lock:
+            if url in self._by_url:
+                raise ValueError(f"pool {self.name!r} already has backend {url!r}")
+            backend = Backend(url, weight, backup=backup)
+            backend.healthy = not self.active_checks
+            self._add(backend)
+            self._rebuild()
+        logger.info("pool %s: backend %s added", self.name, url)
+        return backend
+
+    def remove_backend(self, url: str) -> None:
+        """Remove a backend. Requests in flight on it finish normally."""
+        with self._lock:
+            backend = self.backend(url)
+            self.backends.remove(backend)
+            del self._by_url[url]
+            backend.removed = True
+            self._rebuild()
+        logger.info("pool %s: backend %s removed", self.name, url)
+
+    def drain(self, url: str) -> None:
+        """No new requests; those in flight (and pinned sessions) finish."""
+        self._update(url, draining=True)
+
+    def disable(self, url: str) -> None:
+        """No traffic at all."""
+        self._update(url, enabled=False)
+
+    def enable(self, url: str) -> None:
+        """Undo :meth:`drain` and :meth:`disable`."""
+        self._update(url, enabled=True, draining=False)
+
+    def set_healthy(self, backend: Backend, healthy: bool) -> None:
+        """Record an active health check's verdict."""
+        if backend.healthy != healthy:
+            self._update(backend.url, healthy=healthy)
+
+    def backend(self, url: str) -> Backend:
+        try:
+            return self._by_url[url]
+        except KeyError:
+            raise KeyError(f"pool {self.name!r} has no backend {url!r}") from None
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "algorithm": self.algorithm.name,
+                "active_requests": self.active_requests,
+                "retries_active": self.retries_active,
+                "backends": [b.as_status() for b in self.backends],
+            }
+
+    # --- internals --------------------------------------------------------------
+
+    def _add(self, backend: Backend) -> Backend:
+        self.backends.append(backend)
+        self._by_url[backend.url] = backend
+        return backend
+
+    def _update(self, url: str, **fields: bool) -> None:
+        with self._lock:
+            backend = self.backend(url)
+            old = backend.state
+            for name, value in fields.items():
+                setattr(backend, name, value)
+            new = backend.state
+            self._rebuild()
+        if old is not new:
+            self._notify(backend, old, new)
+
+    def _rebuild(self) -> None:
+        # Called under the lock after any change of membership or state.
+        def eligible(b: Backend) -> bool:
+            return b.enabled and not b.draining and b.healthy and not b.ejected_until
+
+        self._primary = tuple(b for b in self.backends if not b.backup and eligible(b))
+        self._backup = tuple(b for b in self.backends if b.backup and eligible(b))
+        self._saturated = sum(1 for b in self.backends if b.active_requests >= self.max_connections)
+        expiries = [b.ejected_until for b in self.backends if b.ejected_until]
+        self._next_expiry = min(expiries, default=float("inf"))
+
+    def _maybe_eject(self, backend: Backend) -> tuple[BackendState, BackendState] | None:
+        # Under the lock. Envoy's consecutive-5xx ejection, with its doubling
+        # ejection time and its cap on the share of ejected backends.
+        outlier = self.outlier
+        if outlier is None or backend.ejected_until or backend.removed:
+            return None
+        if backend.consecutive_failures < outlier.consecutive_failures:
+            return None
+        ejected = sum(1 for b in self.backends if b.ejected_until)
+        if (ejected + 1) * 100 > outlier.max_ejection_percent * len(self.backends):
+            return None
+        old = backend.state
+        backend.ejections += 1
+        duration = min(
+            outlier.base_ejection_time * 2 ** (backend.ejections - 1), outlier.max_ejection_time
+        )
+        backend.ejected_until = self._clock() + duration
+        backend.consecutive_failures = 0
+        self._rebuild()
+        logger.warning(
+            "pool %s: backend %s ejected for %.0fs after %d consecutive failures",
+            self.name,
+            backend.url,
+            duration,
+            outlier.consecutive_failures,
+        )
+        return old, backend.state
+
+    def _expire_ejections(self) -> None:
+        with self._lock:
+            now = self._clock()
+            back = [b for b in self.backends if b.ejected_until and b.ejected_until <= now]
+            for backend in back:
+                backend.ejected_until = 0.0
+            self._rebuild()
+        for backend in back:
+            logger.info("pool %s: backend %s returns from ejection", self.name, backend.url)
+            self._notify(backend, BackendState.EJECTED, backend.state)
+
+    def _notify(self, backend: Backend, old: BackendState, new: BackendState) -> None:
+        if self._on_state_change is not None:
+            self._on_state_change(self, backend, old, new)

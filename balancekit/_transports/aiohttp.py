@@ -1,0 +1,170 @@
+"""The default async transport: aiohttp's client, one session per event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterable, AsyncIterator, Iterator
+from typing import TYPE_CHECKING
+
+import aiohttp
+from yarl import URL
+
+from .._exceptions import (
+    ProxyError,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
+
+if TYPE_CHECKING:
+    from .._backend import Backend
+    from .._config import TimeoutsConfig
+    from .._types import RawHeaders
+
+#: Idle keep-alive connections kept per backend (aiohttp's pool is per host).
+KEEPALIVE_TIMEOUT = 30.0
+
+
+@contextlib.contextmanager
+def map_aiohttp_exceptions(pool: str) -> Iterator[None]:
+    """Turn aiohttp's exceptions into the most specific balancekit one."""
+    try:
+        yield
+    except aiohttp.ConnectionTimeoutError as exc:
+        raise UpstreamTimeout(
+            "upstream did not accept the connection in time", pool=pool, request_sent=False
+        ) from exc
+    except (aiohttp.SocketTimeoutError, TimeoutError) as exc:
+        raise UpstreamTimeout("upstream timed out", pool=pool) from exc
+    except aiohttp.ClientConnectorError as exc:
+        raise UpstreamConnectError("upstream refused the connection", pool=pool) from exc
+    except (aiohttp.ClientResponseError, aiohttp.ClientPayloadError) as exc:
+        raise UpstreamProtocolError("upstream sent a malformed response", pool=pool) from exc
+    except (aiohttp.ClientError, OSError) as exc:
+        raise UpstreamError("upstream connection failed", pool=pool) from exc
+
+
+class _WriteWatch:
+    """The write timeout aiohttp lacks: each body chunk must be taken by the
+    upstream socket within ``timeout`` seconds, or the request is cancelled."""
+
+    def __init__(self, body: AsyncIterable[bytes], timeout: float) -> None:
+        self.body = body
+        self.timeout = timeout
+        self.task = asyncio.current_task()
+        self.fired = False
+
+    def _fire(self) -> None:
+        self.fired = True
+        if self.task is not None:
+            self.task.cancel()
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        async for chunk in self.body:
+            # aiohttp asks for the next chunk only once this one was written
+            handle = loop.call_later(self.timeout, self._fire)
+            try:
+                yield chunk
+            finally:
+                handle.cancel()
+
+
+class AiohttpResponse:
+    __slots__ = ("_pool", "_response", "headers", "status")
+
+    def __init__(self, response: aiohttp.ClientResponse, pool: str) -> None:
+        self._response = response
+        self._pool = pool
+        self.status = response.status
+        self.headers: RawHeaders = list(response.raw_headers)
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        content = self._response.content
+        with map_aiohttp_exceptions(self._pool):
+            while True:
+                chunk = await content.readany()
+                if not chunk:
+                    return
+                yield chunk
+
+    async def aclose(self) -> None:
+        response = self._response
+        if response.content.at_eof():
+            response.release()
+        else:
+            response.close()  # unread body: this connection cannot be reused
+
+
+class AiohttpTransport:
+    name = "aiohttp"
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[TimeoutsConfig, aiohttp.ClientTimeout] = {}
+
+    def session(self) -> aiohttp.ClientSession:
+        # Created inside the running loop on first use, never at import.
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    limit=0, limit_per_host=0, keepalive_timeout=KEEPALIVE_TIMEOUT
+                ),
+                cookie_jar=aiohttp.DummyCookieJar(),
+                auto_decompress=False,
+                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+                trust_env=False,
+            )
+        return self._session
+
+    def _timeout(self, timeouts: TimeoutsConfig) -> aiohttp.ClientTimeout:
+        found = self._timeouts.get(timeouts)
+        if found is None:
+            found = self._timeouts[timeouts] = aiohttp.ClientTimeout(
+                total=None, sock_connect=timeouts.connect, sock_read=timeouts.read
+            )
+        return found
+
+    async def send(
+        self,
+        backend: Backend,
+        method: str,
+        target: str,
+        headers: RawHeaders,
+        body: AsyncIterable[bytes] | None,
+        timeouts: TimeoutsConfig,
+        *,
+        pool: str,
+    ) -> AiohttpResponse:
+        url = URL(backend.origin + backend.base_path + target, encoded=True)
+        str_headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
+        watch = None if body is None else _WriteWatch(body, timeouts.write)
+        try:
+            with map_aiohttp_exceptions(pool):
+                response = await self.session().request(
+                    method,
+                    url,
+                    headers=str_headers,
+                    data=watch.__aiter__() if watch is not None else None,
+                    allow_redirects=False,
+                    timeout=self._timeout(timeouts),
+                )
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if watch is None or not watch.fired or task is None:
+                raise
+            task.uncancel()
+            raise UpstreamTimeout(
+                "upstream did not read the request body in time", pool=pool
+            ) from None
+        return AiohttpResponse(response, pool)
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+__all__ = ["AiohttpResponse", "AiohttpTransport", "ProxyError", "map_aiohttp_exceptions"]

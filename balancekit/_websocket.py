@@ -1,0 +1,138 @@
+"""WebSocket proxying for routed prefixes (ASGI), over aiohttp's client.
+
+The client's handshake is answered only once the backend accepted its own,
+so the subprotocol the backend chose is the one the client gets. Messages
+are then pumped both ways until either side closes; its close code is
+passed on to the other side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import aiohttp
+from yarl import URL
+
+from ._exceptions import NoEligibleBackend, ProxyError
+from ._transports.aiohttp import map_aiohttp_exceptions
+
+if TYPE_CHECKING:
+    from ._engine_async import AsyncEngine
+    from ._pool import Pool
+    from ._routing import Route
+    from ._types import Receive, Scope, Send
+
+logger = logging.getLogger("balancekit")
+
+#: Handshake headers aiohttp writes itself; the client's copies are dropped.
+_HANDSHAKE = frozenset(
+    {
+        b"sec-websocket-key",
+        b"sec-websocket-version",
+        b"sec-websocket-extensions",
+        b"sec-websocket-protocol",
+        b"host",
+    }
+)
+#: RFC 6455 close code for "the server's upstream failed" (used by proxies).
+BAD_GATEWAY = 1014
+
+
+async def proxy_websocket(
+    engine: AsyncEngine,
+    pool: Pool,
+    route: Route,
+    path: str,
+    raw_path: str,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+) -> None:
+    message = await receive()
+    if message["type"] != "websocket.connect":
+        return
+    request = engine.request_info(path, scope)
+    try:
+        backend = pool.acquire(request)
+    except NoEligibleBackend as exc:
+        logger.warning("pool %s: %s", pool.name, exc.detail)
+        await send({"type": "websocket.close", "code": 1013})
+        return
+    started = time.perf_counter()
+    ok = False
+    headers = [
+        (k.decode("latin-1"), v.decode("latin-1"))
+        for k, v in engine.upstream_headers(pool, request)[1:]
+        if k not in _HANDSHAKE
+    ]
+    if pool.config.preserve_host:
+        host = request.header("host")
+        if host:
+            headers.append(("Host", host))
+    query = request.query
+    scheme = "wss" if backend.scheme == "https" else "ws"
+    target = route.upstream_path(raw_path) + (f"?{query}" if query else "")
+    url = URL(f"{scheme}://{backend.host_header}{backend.base_path}{target}", encoded=True)
+    session = engine._ws_transport.session()
+    try:
+        try:
+            with map_aiohttp_exceptions(pool.name):
+                upstream = await session.ws_connect(
+                    url,
+                    headers=headers,
+                    protocols=scope.get("subprotocols", ()),
+                    autoclose=False,
+                    max_msg_size=0,
+                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0),
+                )
+        except ProxyError as exc:
+            logger.warning("pool %s: websocket upstream failed: %s", pool.name, exc.detail)
+            await send({"type": "websocket.close", "code": BAD_GATEWAY})
+            return
+        ok = True
+        async with upstream:
+            await send({"type": "websocket.accept", "subprotocol": upstream.protocol})
+            await _pump(upstream, receive, send)
+    finally:
+        pool.release(backend, ok=ok, latency_ms=(time.perf_counter() - started) * 1000)
+
+
+async def _pump(upstream: aiohttp.ClientWebSocketResponse, receive: Receive, send: Send) -> None:
+    async def client_to_upstream() -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.receive":
+                if message.get("text") is not None:
+                    await upstream.send_str(message["text"])
+                else:
+                    await upstream.send_bytes(message.get("bytes") or b"")
+            else:  # websocket.disconnect
+                await upstream.close(code=message.get("code", 1000))
+                return
+
+    async def upstream_to_client() -> None:
+        async for msg in upstream:
+            if msg.type is aiohttp.WSMsgType.TEXT:
+                await send({"type": "websocket.send", "text": msg.data})
+            elif msg.type is aiohttp.WSMsgType.BINARY:
+                await send({"type": "websocket.send", "bytes": msg.data})
+            elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.ERROR):
+                break
+        code = upstream.close_code or 1000
+        with contextlib.suppress(OSError, RuntimeError):  # the client may be gone already
+            await send({"type": "websocket.close", "code": code})
+
+    tasks = [
+        asyncio.ensure_future(client_to_upstream()),
+        asyncio.ensure_future(upstream_to_client()),
+    ]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,218 @@
+"""The ``balancekit`` command: serve, check, plugins, demo."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import click
+
+from ._balancer import Balancer
+from ._exceptions import ConfigError, PluginError
+from ._plugins import KIND_HOOKS, make_plugin_manager
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Rows as aligned, space-separated columns under a header line."""
+    cells = [[str(c) for c in headers], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _load(config: Any) -> Balancer:
+    try:
+        return Balancer(config)
+    except (ConfigError, PluginError) as exc:
+        click.echo(f"balancekit: invalid configuration:\n{exc}", err=True)
+        sys.exit(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="balancekit")
+def cli() -> None:
+    """balancekit: a load balancer for Python web apps."""
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+
+
+async def _not_found(scope: Any, receive: Any, send: Any) -> None:
+    """What a standalone balancer answers on a path no route covers."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            await send({"type": message["type"] + ".complete"})
+            if message["type"] == "lifespan.shutdown":
+                return
+    if scope["type"] != "http":
+        return
+    body = b'{"type":"about:blank","title":"Not Found","status":404,"detail":"no route"}'
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 404,
+            "headers": [
+                (b"content-type", b"application/problem+json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def _server(app: Any, **options: Any) -> Any:
+    import uvicorn
+
+    options = {"lifespan": "on", "log_level": "warning", "access_log": False, **options}
+    return uvicorn.Server(uvicorn.Config(app, **options))
+
+
+@cli.command()
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=int, help="Port to listen on.")
+@click.option(
+    "--backend",
+    "backends",
+    multiple=True,
+    metavar="URL",
+    help="A backend; every path goes to one pool of these. Repeatable.",
+)
+@click.option(
+    "--algorithm",
+    default="round_robin",
+    show_default=True,
+    help="The algorithm for --backend pools.",
+)
+def serve(
+    config: str | None, host: str, port: int, backends: tuple[str, ...], algorithm: str
+) -> None:
+    """Run a standalone balancer for CONFIG, or for --backend URLs."""
+    from .asgi import BalanceMiddleware
+
+    if config and backends:
+        raise click.UsageError("give a CONFIG file or --backend URLs, not both")
+    if not config and not backends:
+        raise click.UsageError("give a CONFIG file or at least one --backend URL")
+    source: Any = config or {
+        "pools": {"default": {"backends": list(backends), "algorithm": algorithm}},
+        "routes": [{"prefix": "/", "pool": "default"}],
+    }
+    balancer = _load(source)
+    sock = _bind(host, port)
+    click.echo(f"balancekit serving on {_url(sock)} (Ctrl-C to stop)")
+    for name, pool in balancer.pools.items():
+        click.echo(f"  pool {name}: {len(pool.backends)} backends, {pool.algorithm.name}")
+    server = _server(BalanceMiddleware(_not_found, balancer=balancer))
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run(sockets=[sock])
+    click.echo("balancekit stopped")
+
+
+async def _check_round(balancer: Balancer) -> list[tuple[str, str, str, str]]:
+    from .health.tcp import TCPHealthCheck
+
+    rows = []
+    for name, pool in balancer.pools.items():
+        check_config = balancer.config.pools[name].health_check
+        health = balancer._health.get(name)
+        check: Any = health[0](**health[1]) if health else TCPHealthCheck(timeout=2.0)
+        kind = check_config.type if health else "tcp"
+        try:
+            results = await asyncio.gather(*(check.check(b) for b in pool.backends))
+        finally:
+            await check.aclose()
+        for backend, ok in zip(pool.backends, results, strict=True):
+            rows.append((name, backend.url, kind, "ok" if ok else "FAILED"))
+    return rows
+
+
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+def check(config: str) -> None:
+    """Validate CONFIG and run one round of health checks."""
+    balancer = _load(config)
+    rows = asyncio.run(_check_round(balancer))
+    click.echo(f"{config}: configuration is valid")
+    if rows:
+        click.echo(table(("pool", "backend", "check", "result"), rows))
+    failed = sum(1 for row in rows if row[3] != "ok")
+    if failed:
+        click.echo(f"{failed} of {len(rows)} backends failed their check", err=True)
+        sys.exit(1)
+
+
+@cli.command()
+def plugins() -> None:
+    """List every algorithm, health check, persistence type and store."""
+    manager = make_plugin_manager()
+    rows = []
+    for kind in KIND_HOOKS:
+        try:
+            classes = manager.classes(kind)
+        except PluginError as exc:
+            click.echo(f"balancekit: {exc}", err=True)
+            continue
+        for name, (_, dist) in sorted(classes.items()):
+            rows.append((kind, name, dist))
+    click.echo(table(("kind", "name", "provided by"), rows))
+    for name, error in manager.failed:
+        click.echo(f"plugin {name!r} failed to load: {type(error).__name__}: {error}", err=True)
+
+
+@contextlib.contextmanager
+def _sockets(count: int, host: str = "127.0.0.1") -> Iterator[list[socket.socket]]:
+    socks = [_bind(host, 0) for _ in range(count)]
+    try:
+        yield socks
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+@cli.command()
+@click.option("--port", default=8000, show_default=True, type=int, help="The balancer's port.")
+def demo(port: int) -> None:
+    """Three demo backends of different speed, a balancer and its status page."""
+    from . import _demo
+
+    with _sockets(3) as backend_socks:
+        balancer_sock = _bind("127.0.0.1", port)
+        urls = [_url(s).rstrip("/") for s in backend_socks]
+        balancer = _load(_demo.config(urls))
+        base = _url(balancer_sock)
+        click.echo(f"balancer:  {base}")
+        click.echo(f"dashboard: {base}balancekit/")
+        for (name, delay), url in zip(_demo.BACKENDS, urls, strict=True):
+            click.echo(f"  backend {name}: {url} (answers in about {delay * 1000:.0f} ms)")
+        click.echo("Ctrl-C to stop")
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_demo.run(balancer, balancer_sock, backend_socks, _server))
+        click.echo("demo stopped")
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli.main(args=argv, prog_name="balancekit")

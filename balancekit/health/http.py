@@ -1,0 +1,70 @@
+"""HTTP health check: GET a path, expect a status in a range."""
+
+from __future__ import annotations
+
+import aiohttp
+
+from .._backend import Backend
+
+
+def parse_status_ranges(spec: str) -> list[tuple[int, int]]:
+    """``"200-399,418"`` -> ``[(200, 399), (418, 418)]``; ValueError when malformed."""
+    ranges = []
+    for part in spec.split(","):
+        low, _, high = part.strip().partition("-")
+        lo, hi = int(low), int(high or low)
+        if not 100 <= lo <= hi <= 599:
+            raise ValueError(
+                f"expect_status: {part.strip()!r} is not a status range such as 200-399"
+            )
+        ranges.append((lo, hi))
+    return ranges
+
+
+class HTTPHealthCheck:
+    """Healthy when ``method path`` answers within ``timeout`` with a status
+    in ``expect_status`` (ranges such as ``"200-399"`` or ``"200,204"``)."""
+
+    name = "http"
+
+    def __init__(
+        self,
+        *,
+        path: str = "/",
+        timeout: float = 1.0,
+        expect_status: str = "200-399",
+        method: str = "GET",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        if not path.startswith("/"):
+            raise ValueError(f"path: must start with '/', got {path!r}")
+        if not timeout > 0:
+            raise ValueError(f"timeout: must be a positive number of seconds, got {timeout!r}")
+        self.path = path
+        self.timeout = timeout
+        self.ranges = parse_status_ranges(expect_status)
+        self.method = method
+        self.headers = dict(headers or {})
+        self._session: aiohttp.ClientSession | None = None
+
+    async def check(self, backend: Backend) -> bool:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                cookie_jar=aiohttp.DummyCookieJar(),
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                connector=aiohttp.TCPConnector(force_close=True),
+            )
+        url = f"{backend.origin}{backend.base_path}{self.path}"
+        try:
+            async with self._session.request(
+                self.method, url, headers=self.headers, allow_redirects=False
+            ) as response:
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return False
+        return any(lo <= status <= hi for lo, hi in self.ranges)
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
