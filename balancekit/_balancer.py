@@ -99,7 +99,13 @@ class Balancer:
         try:
             return cls(**options)
         except (TypeError, ValueError) as exc:
-            problems.append(Problem(path, str(exc)))
+            # A plugin that names the option at fault ("path: must ...") gets
+            # it appended to the key path.
+            key, sep, rest = str(exc).partition(": ")
+            if sep and key in options:
+                problems.append(Problem(f"{path}.{key}", rest))
+            else:
+                problems.append(Problem(path, str(exc)))
             return None
 
     def _build_pool(self, name: str, config: PoolConfig, problems: list[Problem]) -> Pool | None:

@@ -86,7 +86,14 @@ async def _not_found(scope: Any, receive: Any, send: Any) -> None:
 def _server(app: Any, **options: Any) -> Any:
     import uvicorn
 
-    options = {"lifespan": "on", "log_level": "warning", "access_log": False, **options}
+    # proxy_headers off: X-Forwarded-* are judged by trusted_proxies, not by uvicorn.
+    options = {
+        "lifespan": "on",
+        "log_level": "warning",
+        "access_log": False,
+        "proxy_headers": False,
+        **options,
+    }
     return uvicorn.Server(uvicorn.Config(app, **options))
 
 

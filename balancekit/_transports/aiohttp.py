@@ -117,6 +117,11 @@ class AiohttpTransport:
                 skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
                 trust_env=False,
             )
+            # aiohttp retries an idempotent request once, on the same backend,
+            # when a connection fails. The engine decides retries itself (on
+            # another backend, within `attempts` and the retry budget), so the
+            # hidden one is switched off, as aiohttp's own test client does.
+            self._session._retry_connection = False
         return self._session
 
     def _timeout(self, timeouts: TimeoutsConfig) -> aiohttp.ClientTimeout:

@@ -12,10 +12,13 @@ def parse_status_ranges(spec: str) -> list[tuple[int, int]]:
     ranges = []
     for part in spec.split(","):
         low, _, high = part.strip().partition("-")
-        lo, hi = int(low), int(high or low)
+        try:
+            lo, hi = int(low), int(high or low)
+        except ValueError:
+            lo = hi = 0
         if not 100 <= lo <= hi <= 599:
             raise ValueError(
-                f"expect_status: {part.strip()!r} is not a status range such as 200-399"
+                f"expect_status: must be status codes or ranges such as '200-399', got {spec!r}"
             )
         ranges.append((lo, hi))
     return ranges

@@ -1,0 +1,118 @@
+"""Real servers on 127.0.0.1 for the tests: upstreams and balancers.
+
+Each server runs uvicorn in a thread of the test process on a port the OS
+picked, and is stopped (and joined) when its fixture ends.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import uvicorn
+
+from tests.upstreams import RawServer, make_echo_app
+
+IN_CI = os.environ.get("CI") == "true"
+
+
+def need(condition: bool, reason: str) -> None:
+    """Skip locally, fail in CI, when a service a test needs is missing."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"CI must provide this: {reason}")
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerThread:
+    """uvicorn serving ``app`` on 127.0.0.1 in a background thread."""
+
+    def __init__(self, app: Any, **options: Any) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.app = app
+        # proxy_headers off: the balancer itself decides whom to believe.
+        options = {"log_level": "warning", "lifespan": "auto", "proxy_headers": False, **options}
+        self.server = uvicorn.Server(uvicorn.Config(app, **options))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]})
+        self.thread.daemon = True
+
+    def start(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"server on port {self.port} did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., ServerThread]]:
+    """Start any ASGI app on a free port; every one is stopped afterwards."""
+    started: list[ServerThread] = []
+
+    def start(app: Any, **options: Any) -> ServerThread:
+        server = ServerThread(app, **options).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in reversed(started):
+        server.stop()
+
+
+@pytest.fixture
+def upstreams(serve: Callable[..., ServerThread]) -> list[ServerThread]:
+    """Three echo upstreams named a, b and c."""
+    return [serve(make_echo_app(name)) for name in ("a", "b", "c")]
+
+
+@pytest.fixture
+def raw_server() -> Iterator[Callable[[str], RawServer]]:
+    made: list[RawServer] = []
+
+    def make(mode: str) -> RawServer:
+        server = RawServer(mode)
+        made.append(server)
+        return server
+
+    yield make
+    for server in made:
+        server.close()
+
+
+def closed_port_url() -> str:
+    """A URL where nothing listens: connecting to it is refused."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+@pytest.fixture(params=["aiohttp", "httpx"])
+def transport(request: pytest.FixtureRequest) -> str:
+    """Every engine test runs over each async transport."""
+    return str(request.param)
+
+
+def chromium_path() -> str | None:
+    return shutil.which("chromium")

@@ -1,0 +1,50 @@
+"""Builders shared by the proxy tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from balancekit import Balancer
+from balancekit._types import Receive, Scope, Send
+from balancekit.asgi import BalanceMiddleware
+
+
+async def app_fallback(scope: Scope, receive: Receive, send: Send) -> None:
+    """The wrapped application: answers 200 "app" to every unrouted request."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            await send({"type": message["type"] + ".complete"})
+            if message["type"] == "lifespan.shutdown":
+                return
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"x-app", b"1")]})
+    await send({"type": "http.response.body", "body": b"app"})
+
+
+def pool_config(urls: list[str], **pool: Any) -> dict[str, Any]:
+    return {"backends": urls, **pool}
+
+
+def balanced(
+    serve: Callable[..., Any],
+    urls: list[str],
+    *,
+    transport: str = "aiohttp",
+    prefix: str = "/api/",
+    strip_prefix: bool = False,
+    pool: dict[str, Any] | None = None,
+    **top: Any,
+) -> tuple[Any, Balancer]:
+    """A balancer serving ``urls`` on ``prefix``, in front of app_fallback."""
+    config = {
+        "transport": transport,
+        "pools": {"api": pool_config(urls, **(pool or {}))},
+        "routes": [{"prefix": prefix, "pool": "api", "strip_prefix": strip_prefix}],
+        **top,
+    }
+    balancer = Balancer(config)
+    server = serve(BalanceMiddleware(app_fallback, balancer=balancer))
+    return server, balancer

@@ -1,0 +1,211 @@
+"""The small upstream servers the tests proxy to.
+
+``echo_app`` is a raw ASGI app run under uvicorn: it answers with what it
+received, streams slowly, sleeps, sets cookies and serves big bodies.
+``RawServer`` is a plain socket server for what no well-behaved HTTP server
+does: garbage responses, resets, responses cut short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import socket
+import struct
+import threading
+from typing import Any
+from urllib.parse import parse_qs
+
+MB = 1024 * 1024
+
+
+def _query(scope: dict[str, Any]) -> dict[str, str]:
+    parsed = parse_qs(scope.get("query_string", b"").decode())
+    return {k: v[0] for k, v in parsed.items()}
+
+
+async def _start(send: Any, status: int = 200, headers: list[tuple[bytes, bytes]] | None = None):
+    await send({"type": "http.response.start", "status": status, "headers": headers or []})
+
+
+def make_echo_app(name: str = "upstream") -> Any:
+    """An upstream that names itself and records the paths it served."""
+    seen: list[str] = []
+    cancelled: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                await send({"type": message["type"] + ".complete"})
+                if message["type"] == "lifespan.shutdown":
+                    return
+        if scope["type"] == "websocket":
+            await _websocket(scope, receive, send)
+            return
+        path = scope["path"]
+        seen.append(path)
+        query = _query(scope)
+        if path.startswith("/status/"):
+            body = json.dumps({"backend": name}).encode()
+            await _start(send, int(path.rsplit("/", 1)[1]))
+            await send({"type": "http.response.body", "body": body})
+            return
+        if path == "/sleep":
+            try:
+                await asyncio.sleep(float(query.get("s", "1")))
+            except asyncio.CancelledError:
+                cancelled.append(path)
+                raise
+            await _start(send, 200, [(b"content-type", b"text/plain")])
+            await send({"type": "http.response.body", "body": name.encode()})
+            return
+        if path == "/slow-headers":
+            # Waits for the client to go away, and records that it noticed.
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    cancelled.append(path)
+                    return
+        if path == "/stream":
+            chunks = int(query.get("chunks", "5"))
+            delay = float(query.get("delay", "0.2"))
+            await _start(send, 200, [(b"content-type", b"text/plain")])
+            for i in range(chunks):
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": f"chunk{i}\n".encode(),
+                        "more_body": True,
+                    }
+                )
+                await asyncio.sleep(delay)
+            await send({"type": "http.response.body", "body": b""})
+            return
+        if path == "/big":
+            size = int(float(query.get("mb", "50")) * MB)
+            block = b"x" * (256 * 1024)
+            await _start(send, 200, [(b"content-length", str(size).encode())])
+            sent = 0
+            while sent < size:
+                part = block[: size - sent]
+                sent += len(part)
+                await send({"type": "http.response.body", "body": part, "more_body": sent < size})
+            return
+        if path == "/cookies":
+            await _start(
+                send, 200, [(b"set-cookie", b"a=1; Path=/"), (b"set-cookie", b"b=2; Path=/")]
+            )
+            await send({"type": "http.response.body", "body": b"ok"})
+            return
+        # Everything else: echo what came in.
+        digest = hashlib.sha256()
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            digest.update(chunk)
+            size += len(chunk)
+            if not message.get("more_body", False):
+                break
+        body = json.dumps(
+            {
+                "backend": name,
+                "method": scope["method"],
+                "path": path,
+                "raw_path": scope.get("raw_path", b"").decode("latin-1"),
+                "query": scope.get("query_string", b"").decode("latin-1"),
+                "headers": [
+                    [k.decode("latin-1"), v.decode("latin-1")] for k, v in scope["headers"]
+                ],
+                "body_size": size,
+                "body_sha256": digest.hexdigest(),
+            }
+        ).encode()
+        await _start(
+            send, 200, [(b"content-type", b"application/json"), (b"x-upstream", name.encode())]
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    app.seen = seen  # type: ignore[attr-defined]
+    app.cancelled = cancelled  # type: ignore[attr-defined]
+    return app
+
+
+async def _websocket(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    await receive()  # websocket.connect
+    offered = scope.get("subprotocols") or []
+    await send({"type": "websocket.accept", "subprotocol": offered[0] if offered else None})
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        text = message.get("text")
+        if text == "bye":
+            await send({"type": "websocket.close", "code": 4001})
+            return
+        if text is not None:
+            await send({"type": "websocket.send", "text": "echo:" + text})
+        else:
+            await send({"type": "websocket.send", "bytes": message.get("bytes", b"")[::-1]})
+
+
+class RawServer:
+    """A socket server answering every request with a fixed misbehaviour.
+
+    ``mode``: ``garbage`` (not HTTP), ``reset`` (RST after reading the
+    request), ``truncated`` (headers promise more body than is sent), or
+    ``close`` (close without a word). ``requests`` counts requests read.
+    """
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.requests = 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.1)
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
+            data = b""
+            try:
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+            except OSError:
+                return
+            self.requests += 1
+            if self.mode == "garbage":
+                conn.sendall(b"THIS IS NOT HTTP\r\n\r\n")
+            elif self.mode == "reset":
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            elif self.mode == "truncated":
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"y" * 100)
+            # "close": nothing at all
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(timeout=2)
+        self.sock.close()
