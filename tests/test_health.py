@@ -1,0 +1,106 @@
+"""Active health checks against real upstreams whose health we switch."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from balancekit import Balancer
+from balancekit.asgi import BalanceMiddleware
+from tests.helpers import app_fallback
+
+
+class Switchable:
+    """An upstream whose /healthz answers 200 or 503, as ``healthy`` says."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.healthy = True
+        self.probes = 0
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return
+        probe = scope["path"] == "/healthz"
+        self.probes += probe
+        status = 503 if probe and not self.healthy else 200
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": self.name.encode()})
+
+
+def switchable(name: str) -> Any:
+    return Switchable(name)
+
+
+def wait_for(predicate, timeout: float = 5.0) -> float:
+    started = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - started < timeout, "condition not reached in time"
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize("lifespan", ["on", "off"], ids=["lifespan", "first-request"])
+def test_unhealthy_backend_leaves_and_returns(serve, lifespan) -> None:
+    a, b = serve(switchable("a")), serve(switchable("b"))
+    balancer = Balancer(
+        {
+            "pools": {
+                "api": {
+                    "backends": [a.url, b.url],
+                    "health_check": {
+                        "type": "http",
+                        "path": "/healthz",
+                        "interval": 0.1,
+                        "timeout": 0.5,
+                        "rise": 2,
+                        "fall": 2,
+                    },
+                }
+            },
+            "routes": [{"prefix": "/", "pool": "api"}],
+        }
+    )
+    server = serve(BalanceMiddleware(app_fallback, balancer=balancer), lifespan=lifespan)
+    if lifespan == "off":
+        assert httpx.get(server.url + "/x").status_code == 200  # starts the checks
+    pool = balancer.pools["api"]
+    wait_for(lambda: a.app.probes >= 2)
+
+    a.app.healthy = False
+    took = wait_for(lambda: pool.backend(a.url).state.value == "unhealthy")
+    assert took < 2 * 0.1 + 0.5 + 0.5  # fall x interval + timeout, plus slack
+    with httpx.Client() as client:
+        assert {client.get(server.url + "/x").text for _ in range(6)} == {"b"}
+
+    a.app.healthy = True
+    wait_for(lambda: pool.backend(a.url).state.value == "healthy")
+    with httpx.Client() as client:
+        assert {client.get(server.url + "/x").text for _ in range(6)} == {"a", "b"}
+
+    # a backend added at runtime waits for its first passing check
+    c = serve(switchable("c"))
+    pool.add_backend(c.url)
+    assert pool.backend(c.url).state.value == "unhealthy"
+    wait_for(lambda: pool.backend(c.url).state.value == "healthy")
+    if lifespan == "off":
+        # Without lifespan nobody tells the balancer about shutdown: an app
+        # served that way closes it itself, in the loop it ran in.
+        for loop in list(balancer._engines):
+            asyncio.run_coroutine_threadsafe(balancer.aclose(), loop).result(5)
+
+
+def test_checks_stop_with_the_server(serve) -> None:
+    a = serve(switchable("a"))
+    balancer = Balancer(
+        {"pools": {"api": {"backends": [a.url], "health_check": {"type": "tcp", "interval": 0.05}}}}
+    )
+    server = serve(BalanceMiddleware(app_fallback, balancer=balancer), lifespan="on")
+    time.sleep(0.2)
+    assert balancer._schedulers
+    server.stop()
+    assert not any(balancer._schedulers.values())
