@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import socket
 import sys
 from collections.abc import Iterator, Sequence
@@ -83,6 +84,27 @@ async def _not_found(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+class _Stop(Exception):
+    """SIGTERM, turned into an exception like SIGINT's KeyboardInterrupt."""
+
+
+@contextlib.contextmanager
+def _stopped_by_signals() -> Iterator[None]:
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal
+    # again for the handler that was there before it. Ours turns that into a
+    # clean exit (status 0) instead of death by signal.
+    def stop(signum: int, frame: object) -> None:
+        raise _Stop
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    except (KeyboardInterrupt, _Stop):
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _server(app: Any, **options: Any) -> Any:
     import uvicorn
 
@@ -134,7 +156,7 @@ def serve(
     for name, pool in balancer.pools.items():
         click.echo(f"  pool {name}: {len(pool.backends)} backends, {pool.algorithm.name}")
     server = _server(BalanceMiddleware(_not_found, balancer=balancer))
-    with contextlib.suppress(KeyboardInterrupt):
+    with _stopped_by_signals():
         server.run(sockets=[sock])
     click.echo("balancekit stopped")
 
@@ -216,7 +238,7 @@ def demo(port: int) -> None:
         for (name, delay), url in zip(_demo.BACKENDS, urls, strict=True):
             click.echo(f"  backend {name}: {url} (answers in about {delay * 1000:.0f} ms)")
         click.echo("Ctrl-C to stop")
-        with contextlib.suppress(KeyboardInterrupt):
+        with _stopped_by_signals():
             asyncio.run(_demo.run(balancer, balancer_sock, backend_socks, _server))
         click.echo("demo stopped")
 

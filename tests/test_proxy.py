@@ -269,3 +269,25 @@ def test_lifespan_reaches_the_wrapped_app(serve, upstreams) -> None:
     server = serve(BalanceMiddleware(app, config=config), lifespan="on")
     server.stop()
     assert events == ["lifespan.startup", "lifespan.shutdown"]
+
+
+def test_an_upstream_that_stops_reading_the_body_is_a_504(serve, raw_server, transport) -> None:
+    stall = raw_server("stall")
+    server, balancer = balanced(
+        serve, [stall.url], transport=transport, pool={"timeouts": {"write": 0.5, "read": 30}}
+    )
+
+    def body():
+        block = b"z" * 65536
+        for _ in range(1600):  # 100 MiB: far more than the socket buffers hold
+            yield block
+
+    started = time.monotonic()
+    response = httpx.post(f"{server.url}/api/upload", content=body(), timeout=20)
+    assert time.monotonic() - started < 10
+    problem(response, 504)
+    deadline = time.monotonic() + 3
+    while balancer.pools["api"].active_requests and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert balancer.pools["api"].active_requests == 0
+    assert balancer.pools["api"].backends[0].failures_total == 1

@@ -14,6 +14,7 @@ import json
 import socket
 import struct
 import threading
+import time
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -158,7 +159,8 @@ class RawServer:
 
     ``mode``: ``garbage`` (not HTTP), ``reset`` (RST after reading the
     request), ``truncated`` (headers promise more body than is sent), or
-    ``close`` (close without a word). ``requests`` counts requests read.
+    ``close`` (close without a word), or ``stall`` (never read the body,
+    never answer, for 10 s at most). ``requests`` counts requests read.
     """
 
     def __init__(self, mode: str) -> None:
@@ -201,6 +203,10 @@ class RawServer:
                 conn.sendall(b"THIS IS NOT HTTP\r\n\r\n")
             elif self.mode == "reset":
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            elif self.mode == "stall":
+                deadline = time.monotonic() + 10
+                while not self._stop and time.monotonic() < deadline:
+                    time.sleep(0.05)
             elif self.mode == "truncated":
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"y" * 100)
             # "close": nothing at all
