@@ -35,6 +35,10 @@ access_logger = logging.getLogger("balancekit.access")
 
 _WS_SCHEMES = {"ws": "http", "wss": "https"}
 
+#: Seconds after the request body is read before client disconnects are
+#: watched for; a disconnect is noticed at most this much later.
+DISCONNECT_WATCH_DELAY = 0.05
+
 
 class ClientDisconnected(Exception):
     """The client went away while its request body was being read."""
@@ -196,6 +200,7 @@ class _Exchange:
         self.target = route.upstream_path(raw_path) + (f"?{query}" if query else "")
         self.task = asyncio.current_task()
         self.watcher: asyncio.Task[None] | None = None
+        self.watch_timer: asyncio.TimerHandle | None = None
         self.disconnected = False
         self.finished = False
         self.response_started = False
@@ -208,7 +213,16 @@ class _Exchange:
     def _watch_disconnect(self) -> None:
         # Once the request body is read, receive() answers only when the
         # client goes away: that is when to cancel the upstream request.
-        self.watcher = asyncio.get_running_loop().create_task(self._watch())
+        # Most exchanges end within milliseconds, so the watching task is
+        # only started if this one is still running after a short delay: a
+        # timer costs far less than a task per request.
+        self.watch_timer = asyncio.get_running_loop().call_later(
+            DISCONNECT_WATCH_DELAY, self._start_watcher
+        )
+
+    def _start_watcher(self) -> None:
+        if not self.finished:
+            self.watcher = asyncio.get_running_loop().create_task(self._watch())
 
     async def _watch(self) -> None:
         while True:
@@ -245,6 +259,8 @@ class _Exchange:
             )
         finally:
             self.finished = True
+            if self.watch_timer is not None:
+                self.watch_timer.cancel()
             if self.watcher is not None:
                 self.watcher.cancel()
 
