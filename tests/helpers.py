@@ -8,16 +8,14 @@ from typing import Any
 from balancekit import Balancer
 from balancekit._types import Receive, Scope, Send
 from balancekit.asgi import BalanceMiddleware
+from tests.upstreams import complete_lifespan
 
 
 async def app_fallback(scope: Scope, receive: Receive, send: Send) -> None:
     """The wrapped application: answers 200 "app" to every unrouted request."""
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            await send({"type": message["type"] + ".complete"})
-            if message["type"] == "lifespan.shutdown":
-                return
+        await complete_lifespan(receive, send)
+        return
     if scope["type"] != "http":
         return
     await send({"type": "http.response.start", "status": 200, "headers": [(b"x-app", b"1")]})

@@ -30,6 +30,15 @@ async def _start(send: Any, status: int = 200, headers: list[tuple[bytes, bytes]
     await send({"type": "http.response.start", "status": status, "headers": headers or []})
 
 
+async def complete_lifespan(receive: Any, send: Any) -> None:
+    """Answer every lifespan message with its ``.complete``, until shutdown."""
+    while True:
+        message = await receive()
+        await send({"type": message["type"] + ".complete"})
+        if message["type"] == "lifespan.shutdown":
+            return
+
+
 def make_echo_app(name: str = "upstream") -> Any:
     """An upstream that names itself and records the paths it served."""
     seen: list[str] = []
@@ -37,11 +46,8 @@ def make_echo_app(name: str = "upstream") -> Any:
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                await send({"type": message["type"] + ".complete"})
-                if message["type"] == "lifespan.shutdown":
-                    return
+            await complete_lifespan(receive, send)
+            return
         if scope["type"] == "websocket":
             await _websocket(scope, receive, send)
             return
