@@ -44,6 +44,7 @@ class Backend:
         "healthy",
         "host",
         "host_header",
+        "host_header_raw",
         "latency_ewma_ms",
         "origin",
         "port",
@@ -67,6 +68,11 @@ class Backend:
         default_port = parts.port is None
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.host_header = host if default_port else f"{host}:{self.port}"
+        # IDNA for a host name in Unicode; what goes on the wire is ASCII
+        ascii_host = host if host.isascii() else host.encode("idna").decode("ascii")
+        self.host_header_raw = (ascii_host if default_port else f"{ascii_host}:{self.port}").encode(
+            "ascii"
+        )
         self.origin = f"{self.scheme}://{host}:{self.port}"
         self.enabled = True
         self.draining = False

@@ -73,31 +73,25 @@ class RequestBody:
                 yield body
 
 
-def _framing_error(headers: RawHeaders) -> str | None:
-    """Why the request's body framing is unsafe to forward, or None.
+def body_framing(headers: RawHeaders) -> tuple[bool, str | None]:
+    """Whether the request has a body, and why its framing is unsafe (or None).
 
-    ASGI servers reject most of these themselves; checking again costs one
-    pass and closes the door on smuggling through a lenient server.
+    ASGI servers reject most unsafe framing themselves; checking again costs
+    one pass and closes the door on smuggling through a lenient server.
     """
-    lengths = []
-    chunked = False
+    length = None
+    chunked = conflict = False
     for name, value in headers:
         if name == b"content-length":
-            lengths.append(value)
+            conflict = conflict or (length is not None and value != length)
+            length = value
         elif name == b"transfer-encoding":
             chunked = True
-    if chunked and lengths:
-        return "both Content-Length and Transfer-Encoding"
-    if lengths and (len(set(lengths)) > 1 or not lengths[0].isdigit()):
-        return "invalid Content-Length"
-    return None
-
-
-def _has_body(headers: RawHeaders) -> bool:
-    for name, value in headers:
-        if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
-            return True
-    return False
+    if chunked and length is not None:
+        return True, "both Content-Length and Transfer-Encoding"
+    if length is not None and (conflict or not length.isdigit()):
+        return True, "invalid Content-Length"
+    return chunked or (length is not None and length.strip(b"0") != b""), None
 
 
 class AsyncEngine:
@@ -105,12 +99,39 @@ class AsyncEngine:
 
     def __init__(self, balancer: Balancer) -> None:
         self.balancer = balancer
+        self.loop = asyncio.get_running_loop()
         self.transport = make_async_transport(balancer.config.transport)
         self._ws_transport: Any = None
         self._started = False
+        self._young: dict[_Exchange, None] = {}
+        self._old: dict[_Exchange, None] = {}
+        self._sweeper: asyncio.Task[None] | None = None
         self.access_log = balancer.config.access_log
 
+    def watch_later(self, exchange: _Exchange) -> None:
+        """Have ``exchange`` watched for a client disconnect if it lasts."""
+        self._young[exchange] = None
+        if self._sweeper is None:
+            self._sweeper = self.loop.create_task(self._sweep())
+
+    def unwatch(self, exchange: _Exchange) -> None:
+        self._young.pop(exchange, None)
+        self._old.pop(exchange, None)
+
+    async def _sweep(self) -> None:
+        # Two generations: an exchange still running after one to two
+        # periods gets its watcher. The task ends when nothing is waiting.
+        while self._young or self._old:
+            await asyncio.sleep(DISCONNECT_WATCH_DELAY)
+            for exchange in self._old:
+                exchange.start_watcher()
+            self._old, self._young = self._young, {}
+        self._sweeper = None
+
     async def aclose(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         await self.transport.aclose()
         if self._ws_transport is not None:
             await self._ws_transport.aclose()
@@ -133,12 +154,12 @@ class AsyncEngine:
                 self._ws_transport = AiohttpTransport()
             await proxy_websocket(self, pool, route, path, raw_path, scope, receive, send)
             return
-        headers: RawHeaders = scope["headers"]
-        problem = _framing_error(headers)
+        has_body, problem = body_framing(scope["headers"])
         if problem is not None:
             await _respond(send, *bad_request(f"refused: {problem}"))
             return
-        await _Exchange(self, pool, route, path, raw_path, scope, receive, send).run()
+        exchange = _Exchange(self, pool, route, path, raw_path, scope, receive, send, has_body)
+        await exchange.run()
 
     def request_info(self, path: str, scope: Scope) -> RequestInfo:
         client = scope.get("client")
@@ -166,7 +187,7 @@ def with_host(headers: RawHeaders, backend: Backend, preserve_host: bool) -> Raw
     """``headers`` with the backend's Host in front (unless the client's is kept)."""
     if preserve_host:
         return headers
-    return [(b"host", backend.host_header.encode("latin-1")), *headers[1:]]
+    return [(b"host", backend.host_header_raw), *headers[1:]]
 
 
 async def _respond(
@@ -189,6 +210,7 @@ class _Exchange:
         scope: Scope,
         receive: Receive,
         send: Send,
+        has_body: bool,
     ) -> None:
         self.engine = engine
         self.pool = pool
@@ -200,27 +222,22 @@ class _Exchange:
         self.target = route.upstream_path(raw_path) + (f"?{query}" if query else "")
         self.task = asyncio.current_task()
         self.watcher: asyncio.Task[None] | None = None
-        self.watch_timer: asyncio.TimerHandle | None = None
         self.disconnected = False
         self.finished = False
         self.response_started = False
-        self.body = (
-            RequestBody(receive, self._watch_disconnect) if _has_body(scope["headers"]) else None
-        )
+        self.body = RequestBody(receive, self._watch_disconnect) if has_body else None
 
     # --- disconnect detection -------------------------------------------------------
 
     def _watch_disconnect(self) -> None:
         # Once the request body is read, receive() answers only when the
         # client goes away: that is when to cancel the upstream request.
-        # Most exchanges end within milliseconds, so the watching task is
-        # only started if this one is still running after a short delay: a
-        # timer costs far less than a task per request.
-        self.watch_timer = asyncio.get_running_loop().call_later(
-            DISCONNECT_WATCH_DELAY, self._start_watcher
-        )
+        # Most exchanges end within milliseconds, so the engine's sweeper
+        # starts a watching task only for those still running after a short
+        # delay: a set insertion costs far less than a task per request.
+        self.engine.watch_later(self)
 
-    def _start_watcher(self) -> None:
+    def start_watcher(self) -> None:
         if not self.finished:
             self.watcher = asyncio.get_running_loop().create_task(self._watch())
 
@@ -259,8 +276,7 @@ class _Exchange:
             )
         finally:
             self.finished = True
-            if self.watch_timer is not None:
-                self.watch_timer.cancel()
+            self.engine.unwatch(self)
             if self.watcher is not None:
                 self.watcher.cancel()
 
@@ -347,7 +363,8 @@ class _Exchange:
             )
             self.response_started = True
             send = self.send
-            async for chunk in response.stream():
+            read = response.read
+            while chunk := await read():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             self.finished = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 import aiohttp
 from yarl import URL
 
-from ._exceptions import NoEligibleBackend, ProxyError
-from ._transports.aiohttp import map_aiohttp_exceptions
+from ._exceptions import NoEligibleBackend
+from ._transports.aiohttp import AIOHTTP_ERRORS, translate_error
 
 if TYPE_CHECKING:
     from ._engine_async import AsyncEngine
@@ -80,17 +80,17 @@ async def proxy_websocket(
     session = engine._ws_transport.session()
     try:
         try:
-            with map_aiohttp_exceptions(pool.name):
-                upstream = await session.ws_connect(
-                    url,
-                    headers=headers,
-                    protocols=scope.get("subprotocols", ()),
-                    autoclose=False,
-                    max_msg_size=0,
-                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0),
-                )
-        except ProxyError as exc:
-            logger.warning("pool %s: websocket upstream failed: %s", pool.name, exc.detail)
+            upstream = await session.ws_connect(
+                url,
+                headers=headers,
+                protocols=scope.get("subprotocols", ()),
+                autoclose=False,
+                max_msg_size=0,
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0),
+            )
+        except AIOHTTP_ERRORS as exc:
+            error = translate_error(exc, pool.name)
+            logger.warning("pool %s: websocket upstream failed: %s", pool.name, error.detail)
             await send({"type": "websocket.close", "code": BAD_GATEWAY})
             return
         ok = True

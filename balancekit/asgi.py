@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from urllib.parse import quote
 
 from ._balancer import Balancer, ConfigInput, balancer_from
-from ._engine_async import _respond
+from ._engine_async import AsyncEngine, _respond
 from ._problem import bad_request
 from ._routing import BadPath, normalize_path
 from ._types import ASGIApp, Message, Receive, Scope, Send
@@ -38,6 +39,9 @@ class BalanceMiddleware:
         self.balancer = balancer_from(config, balancer)
         status = self.balancer.config.status
         self.status = StatusEndpoint(self.balancer) if status.enabled else None
+        # The engine of the loop this middleware last served, to skip the
+        # balancer's per-loop lookup on every request.
+        self._engine: AsyncEngine | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -70,7 +74,10 @@ class BalanceMiddleware:
         if route is None:
             await self.app(scope, receive, send)
             return
-        await self.balancer.engine().handle(route, path, raw_path, scope, receive, send)
+        engine = self._engine
+        if engine is None or engine.loop is not asyncio.get_running_loop():
+            engine = self._engine = self.balancer.engine()
+        await engine.handle(route, path, raw_path, scope, receive, send)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The wrapped app still gets every lifespan message; we act on them

@@ -9,7 +9,7 @@ sees an aiohttp or httpx exception.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -23,8 +23,11 @@ class UpstreamResponse(Protocol):
     #: Raw response headers in order, repeats (Set-Cookie) kept apart.
     headers: RawHeaders
 
-    def stream(self) -> AsyncIterator[bytes]:
-        """The body as it arrives; raises balancekit's ``ProxyError`` subclasses."""
+    async def read(self) -> bytes:
+        """The next part of the body as it arrives, ``b""`` at its end.
+
+        Raises balancekit's ``ProxyError`` subclasses.
+        """
         ...
 
     async def aclose(self) -> None:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterable, AsyncIterator, Iterator
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -27,23 +26,27 @@ if TYPE_CHECKING:
 KEEPALIVE_TIMEOUT = 30.0
 
 
-@contextlib.contextmanager
-def map_aiohttp_exceptions(pool: str) -> Iterator[None]:
-    """Turn aiohttp's exceptions into the most specific balancekit one."""
-    try:
-        yield
-    except aiohttp.ConnectionTimeoutError as exc:
-        raise UpstreamTimeout(
+#: What the transport catches from aiohttp; translate_error maps each.
+AIOHTTP_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
+
+
+def translate_error(exc: BaseException, pool: str) -> ProxyError:
+    """The most specific balancekit error for one of aiohttp's.
+
+    A plain function rather than a context manager: it sits on the path of
+    every request, and ``try``/``except`` costs nothing until it fires.
+    """
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return UpstreamTimeout(
             "upstream did not accept the connection in time", pool=pool, request_sent=False
-        ) from exc
-    except (aiohttp.SocketTimeoutError, TimeoutError) as exc:
-        raise UpstreamTimeout("upstream timed out", pool=pool) from exc
-    except aiohttp.ClientConnectorError as exc:
-        raise UpstreamConnectError("upstream refused the connection", pool=pool) from exc
-    except (aiohttp.ClientResponseError, aiohttp.ClientPayloadError) as exc:
-        raise UpstreamProtocolError("upstream sent a malformed response", pool=pool) from exc
-    except (aiohttp.ClientError, OSError) as exc:
-        raise UpstreamError("upstream connection failed", pool=pool) from exc
+        )
+    if isinstance(exc, aiohttp.SocketTimeoutError | TimeoutError):
+        return UpstreamTimeout("upstream timed out", pool=pool)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamConnectError("upstream refused the connection", pool=pool)
+    if isinstance(exc, aiohttp.ClientResponseError | aiohttp.ClientPayloadError):
+        return UpstreamProtocolError("upstream sent a malformed response", pool=pool)
+    return UpstreamError("upstream connection failed", pool=pool)
 
 
 class _WriteWatch:
@@ -81,14 +84,11 @@ class AiohttpResponse:
         self.status = response.status
         self.headers: RawHeaders = list(response.raw_headers)
 
-    async def stream(self) -> AsyncIterator[bytes]:
-        content = self._response.content
-        with map_aiohttp_exceptions(self._pool):
-            while True:
-                chunk = await content.readany()
-                if not chunk:
-                    return
-                yield chunk
+    async def read(self) -> bytes:
+        try:
+            return await self._response.content.readany()
+        except AIOHTTP_ERRORS as exc:
+            raise translate_error(exc, self._pool) from exc
 
     async def aclose(self) -> None:
         response = self._response
@@ -103,7 +103,8 @@ class AiohttpTransport:
 
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
-        self._timeouts: dict[TimeoutsConfig, aiohttp.ClientTimeout] = {}
+        # by id(): hashing a pydantic model on every request costs more
+        self._timeouts: dict[int, tuple[TimeoutsConfig, aiohttp.ClientTimeout]] = {}
 
     def session(self) -> aiohttp.ClientSession:
         # Created inside the running loop on first use, never at import.
@@ -125,12 +126,13 @@ class AiohttpTransport:
         return self._session
 
     def _timeout(self, timeouts: TimeoutsConfig) -> aiohttp.ClientTimeout:
-        found = self._timeouts.get(timeouts)
+        found = self._timeouts.get(id(timeouts))
         if found is None:
-            found = self._timeouts[timeouts] = aiohttp.ClientTimeout(
+            timeout = aiohttp.ClientTimeout(
                 total=None, sock_connect=timeouts.connect, sock_read=timeouts.read
             )
-        return found
+            found = self._timeouts[id(timeouts)] = (timeouts, timeout)
+        return found[1]
 
     async def send(
         self,
@@ -147,15 +149,16 @@ class AiohttpTransport:
         str_headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
         watch = None if body is None else _WriteWatch(body, timeouts.write)
         try:
-            with map_aiohttp_exceptions(pool):
-                response = await self.session().request(
-                    method,
-                    url,
-                    headers=str_headers,
-                    data=watch.__aiter__() if watch is not None else None,
-                    allow_redirects=False,
-                    timeout=self._timeout(timeouts),
-                )
+            response = await self.session().request(
+                method,
+                url,
+                headers=str_headers,
+                data=watch.__aiter__() if watch is not None else None,
+                allow_redirects=False,
+                timeout=self._timeout(timeouts),
+            )
+        except AIOHTTP_ERRORS as exc:
+            raise translate_error(exc, pool) from exc
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if watch is None or not watch.fired or task is None:
@@ -172,4 +175,4 @@ class AiohttpTransport:
             self._session = None
 
 
-__all__ = ["AiohttpResponse", "AiohttpTransport", "ProxyError", "map_aiohttp_exceptions"]
+__all__ = ["AIOHTTP_ERRORS", "AiohttpResponse", "AiohttpTransport", "translate_error"]

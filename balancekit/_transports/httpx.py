@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterable, AsyncIterator, Iterator
+from collections.abc import AsyncIterable
 from typing import TYPE_CHECKING
 
 import httpx
 
 from .._exceptions import (
+    ProxyError,
     UpstreamConnectError,
     UpstreamError,
     UpstreamProtocolError,
@@ -21,38 +21,40 @@ if TYPE_CHECKING:
     from .._types import RawHeaders
 
 
-@contextlib.contextmanager
-def map_httpx_exceptions(pool: str) -> Iterator[None]:
-    """Turn httpx's exceptions into the most specific balancekit one."""
-    try:
-        yield
-    except httpx.ConnectTimeout as exc:
-        raise UpstreamTimeout(
+#: What the transport catches from httpx; translate_error maps each.
+HTTPX_ERRORS = (httpx.TransportError, httpx.StreamError, httpx.DecodingError, OSError)
+
+
+def translate_error(exc: BaseException, pool: str) -> ProxyError:
+    """The most specific balancekit error for one of httpx's."""
+    if isinstance(exc, httpx.ConnectTimeout):
+        return UpstreamTimeout(
             "upstream did not accept the connection in time", pool=pool, request_sent=False
-        ) from exc
-    except httpx.TimeoutException as exc:
-        raise UpstreamTimeout("upstream timed out", pool=pool) from exc
-    except httpx.ConnectError as exc:
-        raise UpstreamConnectError("upstream refused the connection", pool=pool) from exc
-    except (httpx.RemoteProtocolError, httpx.DecodingError) as exc:
-        raise UpstreamProtocolError("upstream sent a malformed response", pool=pool) from exc
-    except (httpx.TransportError, httpx.StreamError, OSError) as exc:
-        raise UpstreamError("upstream connection failed", pool=pool) from exc
+        )
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamTimeout("upstream timed out", pool=pool)
+    if isinstance(exc, httpx.ConnectError):
+        return UpstreamConnectError("upstream refused the connection", pool=pool)
+    if isinstance(exc, httpx.RemoteProtocolError | httpx.DecodingError):
+        return UpstreamProtocolError("upstream sent a malformed response", pool=pool)
+    return UpstreamError("upstream connection failed", pool=pool)
 
 
 class HttpxResponse:
-    __slots__ = ("_pool", "_response", "headers", "status")
+    __slots__ = ("_chunks", "_pool", "_response", "headers", "status")
 
     def __init__(self, response: httpx.Response, pool: str) -> None:
         self._response = response
         self._pool = pool
+        self._chunks = response.aiter_raw()
         self.status = response.status_code
         self.headers: RawHeaders = list(response.headers.raw)
 
-    async def stream(self) -> AsyncIterator[bytes]:
-        with map_httpx_exceptions(self._pool):
-            async for chunk in self._response.aiter_raw():
-                yield chunk
+    async def read(self) -> bytes:
+        try:
+            return await anext(self._chunks, b"")
+        except HTTPX_ERRORS as exc:
+            raise translate_error(exc, self._pool) from exc
 
     async def aclose(self) -> None:
         await self._response.aclose()
@@ -63,7 +65,7 @@ class HttpxTransport:
 
     def __init__(self) -> None:
         self._client: httpx.AsyncClient | None = None
-        self._timeouts: dict[TimeoutsConfig, dict[str, float | None]] = {}
+        self._timeouts: dict[int, tuple[TimeoutsConfig, dict[str, float | None]]] = {}
 
     def client(self) -> httpx.AsyncClient:
         if self._client is None:
@@ -75,12 +77,13 @@ class HttpxTransport:
         return self._client
 
     def _timeout(self, timeouts: TimeoutsConfig) -> dict[str, float | None]:
-        found = self._timeouts.get(timeouts)
+        found = self._timeouts.get(id(timeouts))
         if found is None:
-            found = self._timeouts[timeouts] = httpx.Timeout(
+            timeout = httpx.Timeout(
                 connect=timeouts.connect, read=timeouts.read, write=timeouts.write, pool=None
             ).as_dict()
-        return found
+            found = self._timeouts[id(timeouts)] = (timeouts, timeout)
+        return found[1]
 
     async def send(
         self,
@@ -101,8 +104,10 @@ class HttpxTransport:
             content=body,
             extensions={"timeout": self._timeout(timeouts)},
         )
-        with map_httpx_exceptions(pool):
+        try:
             response = await self.client().send(request, stream=True)
+        except HTTPX_ERRORS as exc:
+            raise translate_error(exc, pool) from exc
         return HttpxResponse(response, pool)
 
     async def aclose(self) -> None:
