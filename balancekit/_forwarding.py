@@ -120,18 +120,19 @@ def upstream_request_headers(
 #: Headers the serving ASGI server writes itself; the upstream's copies are
 #: dropped so a client never gets two (NGINX hides them by default too).
 SERVER_OWNED_HEADERS = frozenset({b"date", b"server"})
+_RESPONSE_DROP = HOP_BY_HOP_HEADERS | SERVER_OWNED_HEADERS
 
 
 def downstream_response_headers(headers: Sequence[tuple[bytes, bytes]]) -> RawHeaders:
     """The upstream response's headers without hop-by-hop ones; repeats kept."""
-    drop = HOP_BY_HOP_HEADERS | SERVER_OWNED_HEADERS
     out: RawHeaders = []
+    named: frozenset[bytes] = frozenset()
     for name, value in headers:
         lname = name.lower()
         if lname == b"connection":
-            drop = drop | _connection_tokens([(lname, value)])
-    for name, value in headers:
-        lname = name.lower()
-        if lname not in drop:
+            named = named | _connection_tokens([(lname, value)])
+        elif lname not in _RESPONSE_DROP:
             out.append((lname, value))
+    if named:  # rare: headers named in Connection go too, wherever they stood
+        out = [(name, value) for name, value in out if name not in named]
     return out

@@ -27,6 +27,8 @@ logger = logging.getLogger("balancekit")
 
 StateListener = Callable[["Pool", Backend, BackendState, BackendState], None]
 
+_NEVER = float("inf")
+
 #: Retries allowed in flight whatever the budget says (Envoy's floor).
 RETRY_BUDGET_FLOOR = 3
 
@@ -65,7 +67,7 @@ class Pool:
         self._primary: tuple[Backend, ...] = ()
         self._backup: tuple[Backend, ...] = ()
         self._saturated = 0
-        self._next_expiry = float("inf")
+        self._next_expiry = _NEVER
         self.active_requests = 0
         self.retries_active = 0
         for backend in config.backends:
@@ -80,7 +82,7 @@ class Pool:
         ``exclude`` is a backend that just failed this request; it is skipped
         when another is eligible. Raises :class:`NoEligibleBackend`.
         """
-        if self._next_expiry <= self._clock():
+        if self._next_expiry != _NEVER and self._next_expiry <= self._clock():
             self._expire_ejections()
         with self._lock:
             candidates = self._primary or self._backup
@@ -227,7 +229,7 @@ class Pool:
         self._backup = tuple(b for b in self.backends if b.backup and eligible(b))
         self._saturated = sum(1 for b in self.backends if b.active_requests >= self.max_connections)
         expiries = [b.ejected_until for b in self.backends if b.ejected_until]
-        self._next_expiry = min(expiries, default=float("inf"))
+        self._next_expiry = min(expiries, default=_NEVER)
 
     def _maybe_eject(self, backend: Backend) -> tuple[BackendState, BackendState] | None:
         # Under the lock. Envoy's consecutive-5xx ejection, with its doubling
