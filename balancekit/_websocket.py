@@ -63,7 +63,6 @@ async def proxy_websocket(
         await send({"type": "websocket.close", "code": 1013})
         return
     started = time.perf_counter()
-    ok = False
     headers = [
         (k.decode("latin-1"), v.decode("latin-1"))
         for k, v in engine.upstream_headers(pool, request)[1:]
@@ -79,26 +78,29 @@ async def proxy_websocket(
     url = URL(f"{scheme}://{backend.host_header}{backend.base_path}{target}", encoded=True)
     session = engine._ws_transport.session()
     try:
-        try:
-            upstream = await session.ws_connect(
-                url,
-                headers=headers,
-                protocols=scope.get("subprotocols", ()),
-                autoclose=False,
-                max_msg_size=0,
-                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0),
-            )
-        except AIOHTTP_ERRORS as exc:
-            error = translate_error(exc, pool.name)
-            logger.warning("pool %s: websocket upstream failed: %s", pool.name, error.detail)
-            await send({"type": "websocket.close", "code": BAD_GATEWAY})
-            return
-        ok = True
+        upstream = await session.ws_connect(
+            url,
+            headers=headers,
+            protocols=scope.get("subprotocols", ()),
+            autoclose=False,
+            max_msg_size=0,
+            timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0),
+        )
+    except BaseException as exc:
+        # Counted before the client hears of it, whatever went wrong.
+        pool.release(backend, ok=False, latency_ms=(time.perf_counter() - started) * 1000)
+        if not isinstance(exc, AIOHTTP_ERRORS):
+            raise
+        error = translate_error(exc, pool.name)
+        logger.warning("pool %s: websocket upstream failed: %s", pool.name, error.detail)
+        await send({"type": "websocket.close", "code": BAD_GATEWAY})
+        return
+    try:
         async with upstream:
             await send({"type": "websocket.accept", "subprotocol": upstream.protocol})
             await _pump(upstream, receive, send)
     finally:
-        pool.release(backend, ok=ok, latency_ms=(time.perf_counter() - started) * 1000)
+        pool.release(backend, ok=True, latency_ms=(time.perf_counter() - started) * 1000)
 
 
 async def _pump(upstream: aiohttp.ClientWebSocketResponse, receive: Receive, send: Send) -> None:
