@@ -35,6 +35,12 @@ access_logger = logging.getLogger("balancekit.access")
 
 _WS_SCHEMES = {"ws": "http", "wss": "https"}
 
+#: Limits on a routed request's header block, as Envoy's defaults
+#: (max_request_headers_kb = 60, max_headers_count = 100).
+MAX_HEADER_BYTES = 60 * 1024
+MAX_HEADER_COUNT = 100
+HEADERS_TOO_LARGE = "request headers too large"
+
 #: Seconds after the request body is read before client disconnects are
 #: watched for; a disconnect is noticed at most this much later.
 DISCONNECT_WATCH_DELAY = 0.05
@@ -73,20 +79,27 @@ class RequestBody:
                 yield body
 
 
-def body_framing(headers: RawHeaders) -> tuple[bool, str | None]:
-    """Whether the request has a body, and why its framing is unsafe (or None).
+def inspect_request(headers: RawHeaders) -> tuple[bool, str | None]:
+    """Whether the request has a body, and why it must be refused (or None).
 
-    ASGI servers reject most unsafe framing themselves; checking again costs
-    one pass and closes the door on smuggling through a lenient server.
+    Refused: more header bytes or fields than ``MAX_HEADER_BYTES`` and
+    ``MAX_HEADER_COUNT`` (uvicorn's httptools parser sets no limit), and
+    body framing that is unsafe to forward. ASGI servers reject most bad
+    framing themselves; checking again costs nothing extra in this same
+    pass and closes the door on smuggling through a lenient server.
     """
     length = None
     chunked = conflict = False
+    size = 0
     for name, value in headers:
+        size += len(name) + len(value)
         if name == b"content-length":
             conflict = conflict or (length is not None and value != length)
             length = value
         elif name == b"transfer-encoding":
             chunked = True
+    if size > MAX_HEADER_BYTES or len(headers) > MAX_HEADER_COUNT:
+        return False, HEADERS_TOO_LARGE
     if chunked and length is not None:
         return True, "both Content-Length and Transfer-Encoding"
     if length is not None and (conflict or not length.isdigit()):
@@ -154,9 +167,10 @@ class AsyncEngine:
                 self._ws_transport = AiohttpTransport()
             await proxy_websocket(self, pool, route, path, raw_path, scope, receive, send)
             return
-        has_body, problem = body_framing(scope["headers"])
+        has_body, problem = inspect_request(scope["headers"])
         if problem is not None:
-            await _respond(send, *bad_request(f"refused: {problem}"))
+            status = 431 if problem is HEADERS_TOO_LARGE else 400
+            await _respond(send, *bad_request(f"refused: {problem}", status=status))
             return
         exchange = _Exchange(self, pool, route, path, raw_path, scope, receive, send, has_body)
         await exchange.run()

@@ -31,13 +31,16 @@ def problem_response(error: ProxyError) -> tuple[int, list[tuple[bytes, bytes]],
     return error.status_code, headers, payload
 
 
-def bad_request(detail: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    """A 400 problem for a request balancekit refuses to forward."""
+_TITLES = {400: "Bad Request", 431: "Request Header Fields Too Large"}
+
+
+def bad_request(detail: str, *, status: int = 400) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """A 4xx problem for a request balancekit refuses to forward."""
     payload = json.dumps(
-        {"type": "about:blank", "title": "Bad Request", "status": 400, "detail": detail}
+        {"type": "about:blank", "title": _TITLES[status], "status": status, "detail": detail}
     ).encode()
     return (
-        400,
+        status,
         [
             (b"content-type", b"application/problem+json"),
             (b"content-length", str(len(payload)).encode()),
