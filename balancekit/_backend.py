@@ -7,10 +7,13 @@ them (as HAProxy's server counters belong to the core, not to ``lb_ops``).
 from __future__ import annotations
 
 import enum
+import time
 from urllib.parse import urlsplit
 
 #: Weight of the newest sample in the latency moving average.
 EWMA_ALPHA = 0.3
+#: The least latency a failed request is recorded with.
+FAILURE_LATENCY_MS = 1000.0
 
 
 class BackendState(enum.StrEnum):
@@ -45,6 +48,7 @@ class Backend:
         "host",
         "host_header",
         "host_header_raw",
+        "latency_at",
         "latency_ewma_ms",
         "origin",
         "port",
@@ -85,6 +89,8 @@ class Backend:
         self.requests_total = 0
         self.failures_total = 0
         self.latency_ewma_ms: float | None = None
+        #: When the last latency sample was taken (time.monotonic()).
+        self.latency_at = 0.0
 
     @property
     def state(self) -> BackendState:
@@ -98,9 +104,15 @@ class Backend:
             return BackendState.EJECTED
         return BackendState.HEALTHY
 
-    def record_latency(self, ms: float) -> None:
+    def record_latency(self, ms: float, *, failed: bool = False) -> None:
+        """Feed the moving average. A failure counts as a slow answer (at
+        least ``FAILURE_LATENCY_MS`` and twice the average), so a backend
+        that fails fast does not look fast."""
         old = self.latency_ewma_ms
+        if failed:
+            ms = max(ms, FAILURE_LATENCY_MS, 2 * (old or 0.0))
         self.latency_ewma_ms = ms if old is None else old + EWMA_ALPHA * (ms - old)
+        self.latency_at = time.monotonic()
 
     def as_status(self) -> dict[str, object]:
         return {

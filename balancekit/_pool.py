@@ -120,7 +120,7 @@ class Pool:
             backend.active_requests -= 1
             self.active_requests -= 1
             if latency_ms is not None:
-                backend.record_latency(latency_ms)
+                backend.record_latency(latency_ms, failed=not ok)
             if ok:
                 backend.consecutive_failures = 0
             else:

@@ -58,7 +58,18 @@ def installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
 
 def test_builtins_are_registered_through_the_hooks() -> None:
     manager = make_plugin_manager(entry_points=False)
-    assert set(manager.classes("algorithm")) == {"round_robin", "random", "weighted_round_robin"}
+    assert set(manager.classes("algorithm")) == {
+        "round_robin",
+        "random",
+        "weighted_round_robin",
+        "weighted_random",
+        "least_connections",
+        "least_response_time",
+        "p2c",
+        "consistent_hash",
+        "maglev",
+        "first",
+    }
     assert set(manager.classes("health check")) == {"http", "tcp", "none"}
     assert set(manager.classes("store")) == {"memory"}
     assert {dist for _, dist in manager.classes("algorithm").values()} == {"balancekit"}

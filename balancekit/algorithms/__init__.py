@@ -6,13 +6,43 @@ from typing import Any
 
 from ..hookspecs import hookimpl
 from .base import Algorithm
+from .consistent_hash import ConsistentHash
+from .first import First
+from .least_connections import LeastConnections
+from .least_response_time import LeastResponseTime
+from .maglev import Maglev
+from .p2c import PowerOfTwoChoices
 from .random import Random
 from .round_robin import RoundRobin
+from .weighted_random import WeightedRandom
 from .weighted_round_robin import WeightedRoundRobin
 
-__all__ = ["Algorithm", "Random", "RoundRobin", "WeightedRoundRobin"]
+__all__ = [
+    "Algorithm",
+    "ConsistentHash",
+    "First",
+    "LeastConnections",
+    "LeastResponseTime",
+    "Maglev",
+    "PowerOfTwoChoices",
+    "Random",
+    "RoundRobin",
+    "WeightedRandom",
+    "WeightedRoundRobin",
+]
 
 
 @hookimpl(trylast=True)
 def balancekit_register_algorithms() -> list[type[Any]]:
-    return [RoundRobin, Random, WeightedRoundRobin]
+    return [
+        RoundRobin,
+        Random,
+        WeightedRoundRobin,
+        WeightedRandom,
+        LeastConnections,
+        LeastResponseTime,
+        PowerOfTwoChoices,
+        ConsistentHash,
+        Maglev,
+        First,
+    ]
