@@ -344,7 +344,8 @@ class _Exchange:
                     await self._problem(exc)
                     return
                 except BaseException:
-                    pool.release(backend, ok=False, latency_ms=None)
+                    # A client that left says nothing about the backend.
+                    pool.release(backend, ok=self.disconnected, latency_ms=None)
                     raise
                 await self._relay(backend, response, started)
                 return
@@ -362,10 +363,10 @@ class _Exchange:
         return False
 
     async def _relay(self, backend: Backend, response: UpstreamResponse, started: float) -> None:
-        """Stream the upstream response to the client, then settle the counters."""
+        """Stream the upstream response to the client, settling the counters
+        before the client sees the end, so status never lags what it saw."""
         pool = self.pool
-        ok = False
-        latency: float | None = None
+        released = False
         try:
             status = response.status
             await self.send(
@@ -381,9 +382,11 @@ class _Exchange:
             while chunk := await read():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             self.finished = True
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-            ok = not is_failure(status)
             latency = _ms_since(started)
+            released = True
+            pool.release(backend, ok=not is_failure(status), latency_ms=latency)
+            await response.aclose()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
             if self.engine.access_log:
                 self._log(backend, status, latency)
         except ProxyError:
@@ -392,8 +395,9 @@ class _Exchange:
             # the connection, so the client sees a truncated response.
             logger.warning("pool %s: upstream failed mid-response", pool.name)
         finally:
-            pool.release(backend, ok=ok, latency_ms=latency)
-            await response.aclose()
+            if not released:  # the upstream failed, or the client left
+                pool.release(backend, ok=self.disconnected, latency_ms=None)
+                await response.aclose()
 
     async def _problem(self, error: ProxyError) -> None:
         logger.warning("pool %s: %s", self.pool.name, error.detail)

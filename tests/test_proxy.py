@@ -249,6 +249,8 @@ def test_client_disconnect_cancels_the_upstream_request(serve, transport) -> Non
         time.sleep(0.02)
     assert balancer.pools["api"].active_requests == 0
     assert upstream.app.cancelled == ["/slow-headers"]
+    # a client that left is not the backend's failure
+    assert balancer.pools["api"].backends[0].failures_total == 0
 
 
 def test_lifespan_reaches_the_wrapped_app(serve, upstreams) -> None:
