@@ -24,6 +24,7 @@ from .._backend import Backend
 from .._request import RequestInfo
 from ._keys import key_function, stable_hash
 from .base import Algorithm, MembershipCache
+from .round_robin import RoundRobin
 
 POINTS_PER_WEIGHT = 160
 
@@ -62,13 +63,12 @@ class ConsistentHash(Algorithm):
         self._ring: MembershipCache[tuple[list[int], list[int]]] = MembershipCache(
             lambda backends: build_ring(backends, points_per_weight)
         )
-        self._next = 0
+        self._fallback = RoundRobin()  # for requests without the key
 
     def pick(self, backends: Sequence[Backend], request: RequestInfo) -> Backend:
         value = self._key(request)
         if value is None:
-            self._next = (self._next + 1) % len(backends)
-            return backends[self._next]
+            return self._fallback.pick(backends, request)
         hashes, owners = self._ring.get(backends)
         at = bisect.bisect_left(hashes, stable_hash(value))
         if at == len(hashes):

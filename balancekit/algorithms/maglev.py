@@ -21,6 +21,7 @@ from .._backend import Backend
 from .._request import RequestInfo
 from ._keys import key_function, stable_hash
 from .base import Algorithm, MembershipCache
+from .round_robin import RoundRobin
 
 TABLE_SIZE = 65537
 
@@ -74,12 +75,11 @@ class Maglev(Algorithm):
         self._table: MembershipCache[list[int]] = MembershipCache(
             lambda backends: build_table(backends, table_size)
         )
-        self._next = 0
+        self._fallback = RoundRobin()  # for requests without the key
 
     def pick(self, backends: Sequence[Backend], request: RequestInfo) -> Backend:
         value = self._key(request)
         if value is None:
-            self._next = (self._next + 1) % len(backends)
-            return backends[self._next]
+            return self._fallback.pick(backends, request)
         table = self._table.get(backends)
         return backends[table[stable_hash(value) % self.table_size]]
