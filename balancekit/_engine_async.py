@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from ._decision import is_failure, may_retry
-from ._exceptions import NoEligibleBackend, ProxyError
+from ._exceptions import NoEligibleBackend, ProxyError, UpstreamProtocolError
 from ._forwarding import downstream_response_headers, upstream_request_headers
 from ._problem import bad_request, problem_response
 from ._request import RequestInfo
@@ -347,6 +347,15 @@ class _Exchange:
                     # A client that left says nothing about the backend.
                     pool.release(backend, ok=self.disconnected, latency_ms=None)
                     raise
+                if not 200 <= response.status <= 599:
+                    # 1xx (an unasked-for 101 included) or out of range: not
+                    # an answer a client can be given.
+                    await response.aclose()
+                    pool.release(backend, ok=False, latency_ms=_ms_since(started))
+                    await self._problem(
+                        UpstreamProtocolError("upstream sent a malformed response", pool=pool.name)
+                    )
+                    return
                 await self._relay(backend, response, started)
                 return
         finally:
@@ -369,6 +378,7 @@ class _Exchange:
         released = False
         try:
             status = response.status
+            self.response_started = True  # from here on, never a second start
             await self.send(
                 {
                     "type": "http.response.start",
@@ -376,7 +386,6 @@ class _Exchange:
                     "headers": downstream_response_headers(response.headers),
                 }
             )
-            self.response_started = True
             send = self.send
             read = response.read
             while chunk := await read():

@@ -127,12 +127,19 @@ def downstream_response_headers(headers: Sequence[tuple[bytes, bytes]]) -> RawHe
     """The upstream response's headers without hop-by-hop ones; repeats kept."""
     out: RawHeaders = []
     named: frozenset[bytes] = frozenset()
+    chunked = False
     for name, value in headers:
         lname = name.lower()
         if lname == b"connection":
             named = named | _connection_tokens([(lname, value)])
+        elif lname == b"transfer-encoding":
+            chunked = True
         elif lname not in _RESPONSE_DROP:
             out.append((lname, value))
+    if chunked:
+        # RFC 9112 section 6.3: Transfer-Encoding overrides Content-Length,
+        # and the body was read that way; its length must not be passed on.
+        named = named | {b"content-length"}
     if named:  # rare: headers named in Connection go too, wherever they stood
         out = [(name, value) for name, value in out if name not in named]
     return out

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -57,7 +57,27 @@ class HttpxResponse:
             raise translate_error(exc, self._pool) from exc
 
     async def aclose(self) -> None:
+        connection = _h11_connection(self._response)
+        if connection is not None and connection._h11_state.trailing_data[0]:
+            # The upstream sent bytes after its response. httpcore would pool
+            # this connection and hand them to the next request as its
+            # answer; aiohttp drops such a connection, and so do we.
+            await connection.aclose()
         await self._response.aclose()
+
+
+def _h11_connection(response: httpx.Response) -> Any:
+    """httpcore's HTTP/1.1 connection under ``response``, or None.
+
+    This reaches into httpx and httpcore internals (checked with httpx 0.28
+    and httpcore 1.0); when their shape changes, the check is skipped.
+    """
+    stream: Any = response.stream
+    for attribute in ("_stream", "_httpcore_stream", "_stream", "_connection"):
+        stream = getattr(stream, attribute, None)
+        if stream is None:
+            return None
+    return stream if hasattr(stream, "_h11_state") else None
 
 
 class HttpxTransport:
