@@ -1,29 +1,47 @@
 """How fast is balancekit as a proxy, next to what Python and NGINX can do?
 
-Method: three fast Python backends (uvicorn + httptools, 100-byte answers)
-and wrk share core 0; every proxy under test runs alone on core 1, so each
-is limited by its own CPU. Targets are measured in interleaved rounds
-(round 1: every target, round 2: every target, ...) so that drift on the
-machine hits all of them alike; the median round counts. For each proxy:
+Method. Three fast Python backends (a raw ASGI app answering 100 bytes, uvicorn
++ httptools, one worker each) and wrk (-t1 -c32, keep-alive) share core 0;
+every proxy under test runs alone on core 1, so each is limited by its own CPU
+and all get the same one. Targets:
 
-- requests/s (wrk -t1 -cN, keep-alive),
-- CPU time per request: utime + stime of the proxy's processes over the
-  measured run (from /proc), divided by the requests wrk completed,
-- peak RSS (VmHWM) at the end.
+- the backend directly (the ceiling of this setup, no proxy),
+- balancekit's ``BalanceMiddleware`` under uvicorn (httptools, lifespan on,
+  access log off), round robin over the three backends, aiohttp transport,
+- the same with ``transport = "httpx"``,
+- a minimal hand-written aiohttp proxy under uvicorn (``_apps.reference``):
+  the reference for what Python does with the same client,
+- NGINX (master + 1 worker, upstream keepalive 32), when installed.
 
-Targets: the backend directly; balancekit's ASGI middleware under uvicorn
-(aiohttp transport, and httpx); a minimal hand-written aiohttp proxy under
-uvicorn (the reference for Python); NGINX with one worker, if installed.
+Before measuring, each target must answer 200 with the backend's body, and a
+proxy must reach all three backends, so an error page is never benchmarked.
+Targets run in interleaved rounds (round 1: every target, round 2: every
+target, ...) so drift on the machine hits them alike; each run is preceded by
+a 1 s unmeasured wrk warm-up. Per target, over the rounds:
 
-    .venv/bin/python bench/proxy_bench.py            # 3 rounds of 5 s
+- requests/s: the median round,
+- CPU us per request: utime + stime of the target's process tree (from
+  /proc/PID/stat, so NGINX's master and worker both count) over the measured
+  wrk run, divided by the requests wrk completed; median round,
+- peak RSS: VmHWM (from /proc/PID/status) at the end, summed over the tree,
+- p99 latency (median round) and failed requests (non-2xx and socket
+  errors, summed over rounds; anything but 0 makes the numbers suspect).
+
+Every server is a subprocess of this script, pinned with taskset, stopped by
+PID on exit (also on Ctrl-C, SIGTERM or an error).
+
+    .venv/bin/python bench/proxy_bench.py            # 3 rounds of 5 s, about 100 s
     .venv/bin/python bench/proxy_bench.py --quick    # 1 round of 2 s
+    .venv/bin/python bench/proxy_bench.py --profile  # then py-spy on balancekit
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import platform
 import re
 import shutil
 import signal
@@ -35,6 +53,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 
 import httpx
 
@@ -42,6 +61,24 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "proxy_bench.json"
 CLIENT_CORE, PROXY_CORE = "0", "1"
 TICK = os.sysconf("SC_CLK_TCK")
+BODY = b"x" * 100
+N_BACKENDS = 3
+
+BACKEND = "backend directly"
+BALANCEKIT = "balancekit (aiohttp)"
+BALANCEKIT_HTTPX = "balancekit (httpx)"
+REFERENCE = "reference aiohttp proxy"
+NGINX = "nginx"
+
+#: The project's targets for balancekit.
+MIN_X_REFERENCE = 0.9
+MAX_CPU_US = 250.0
+MAX_RSS_MB = 60.0
+
+Popen = subprocess.Popen[bytes]
+
+
+# --- processes ----------------------------------------------------------------------
 
 
 def free_port() -> int:
@@ -50,43 +87,59 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_port(port: int, timeout: float = 15) -> None:
+def wait_for_port(port: int, process: Popen, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on port {port}")
+    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
 
 
-def uvicorn(app: str, port: int, core: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    command = [
-        "taskset", "-c", core, sys.executable, "-m", "uvicorn", app,
-        "--app-dir", str(HERE), "--port", str(port), "--host", "127.0.0.1",
-        "--http", "httptools", "--no-access-log", "--log-level", "warning",
-        "--no-proxy-headers", "--lifespan", "on",
-    ]  # fmt: skip
-    return subprocess.Popen(command, env={**os.environ, **env})
-
-
-def nginx(port: int, backends: list[int], prefix: Path) -> subprocess.Popen[bytes] | None:
-    binary = shutil.which("nginx") or (
-        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
+def spawn(command: list[str], core: str, env: dict[str, str] | None = None) -> Popen:
+    # A session of its own: Ctrl-C reaches only this script, which then
+    # stops every server in order.
+    return subprocess.Popen(
+        ["taskset", "-c", core, *command],
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
     )
-    if binary is None:
-        return None
-    (prefix / "logs").mkdir(parents=True, exist_ok=True)
-    servers = "".join(f"server 127.0.0.1:{p};" for p in backends)
-    (prefix / "nginx.conf").write_text(
-        f"""worker_processes 1;
+
+
+def start_uvicorn(app: str, port: int, core: str, env: dict[str, str]) -> Popen:
+    command = [
+        sys.executable, "-m", "uvicorn", app, "--app-dir", str(HERE),
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--http", "httptools", "--loop", "asyncio", "--lifespan", "on",
+        "--no-access-log", "--log-level", "warning", "--no-proxy-headers",
+    ]  # fmt: skip
+    return spawn(command, core, env)
+
+
+def nginx_binary() -> str | None:
+    found = shutil.which("nginx")
+    if found is None and Path("/usr/sbin/nginx").exists():
+        found = "/usr/sbin/nginx"
+    return found
+
+
+def nginx_config(port: int, backend_ports: list[int], prefix: Path) -> str:
+    servers = " ".join(f"server 127.0.0.1:{p};" for p in backend_ports)
+    temp = " ".join(
+        f"{kind}_temp_path {prefix}/{kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    return f"""\
+worker_processes 1;
 pid {prefix}/nginx.pid;
-error_log {prefix}/logs/error.log warn;
+error_log {prefix}/error.log warn;
 events {{ worker_connections 1024; }}
 http {{
   access_log off;
-  client_body_temp_path {prefix}/body; proxy_temp_path {prefix}/proxy;
-  fastcgi_temp_path {prefix}/fcgi; uwsgi_temp_path {prefix}/uwsgi; scgi_temp_path {prefix}/scgi;
+  {temp}
   upstream backends {{ {servers} keepalive 32; }}
   server {{
     listen 127.0.0.1:{port};
@@ -95,182 +148,397 @@ http {{
       proxy_http_version 1.1;
       proxy_set_header Connection "";
       proxy_set_header X-Forwarded-For $remote_addr;
+      proxy_set_header X-Forwarded-Proto $scheme;
     }}
   }}
 }}
 """
-    )
-    command = ["taskset", "-c", PROXY_CORE, binary, "-p", str(prefix), "-c",
-               str(prefix / "nginx.conf"), "-g", "daemon off;"]  # fmt: skip
-    return subprocess.Popen(command)
+
+
+def start_nginx(binary: str, port: int, backend_ports: list[int], prefix: Path) -> Popen:
+    conf = prefix / "nginx.conf"
+    conf.write_text(nginx_config(port, backend_ports, prefix))
+    command = [binary, "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(conf),
+               "-g", "daemon off;"]  # fmt: skip
+    return spawn(command, PROXY_CORE)
+
+
+def stop(processes: list[Popen]) -> None:
+    """SIGTERM every process (and what it forked) by PID; SIGKILL what lingers."""
+    trees = {p.pid: process_tree(p.pid) for p in processes if p.poll() is None}
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    for pids in trees.values():  # a worker orphaned by a killed master
+        for pid in pids[1:]:
+            if Path(f"/proc/{pid}").exists():
+                os.kill(pid, signal.SIGKILL)
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# --- /proc --------------------------------------------------------------------------
+
+
+def _stat_fields(pid: int) -> list[str]:
+    # Fields after "(comm)": state is [0], ppid [1], utime [11], stime [12].
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
 def process_tree(pid: int) -> list[int]:
-    pids = [pid]
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        children = (task / "children").read_text().split()
-        for child in children:
-            pids += process_tree(int(child))
-    return pids
+    """``pid`` and its descendants (NGINX: master and worker)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int(_stat_fields(int(entry.name))[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo += children.get(current, [])
+    return tree
 
 
 def cpu_seconds(pid: int) -> float:
     total = 0
     for p in process_tree(pid):
-        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime
+        try:
+            fields = _stat_fields(p)
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
     return total / TICK
 
 
 def peak_rss_mb(pid: int) -> float:
-    peak = 0
+    total_kb = 0
     for p in process_tree(pid):
-        for line in Path(f"/proc/{p}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                peak = max(peak, int(line.split()[1]))
-    return peak / 1024
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+        except OSError:
+            continue
+        found = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
+        total_kb += int(found.group(1)) if found else 0
+    return total_kb / 1024
 
 
-def wrk(url: str, seconds: float, connections: int) -> tuple[float, int, int]:
-    out = subprocess.run(
-        ["taskset", "-c", CLIENT_CORE, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", url],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    done = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+# --- wrk ----------------------------------------------------------------------------
+
+
+@dataclass
+class WrkRun:
+    rps: float
+    requests: int
+    failed: int
+    p99_ms: float
+
+
+_UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def _number(pattern: str, text: str) -> str:
+    found = re.search(pattern, text)
+    if found is None:
+        raise RuntimeError(f"wrk output lacks {pattern!r}:\n{text}")
+    return found.group(1)
+
+
+def parse_wrk(out: str) -> WrkRun:
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    failed = (int(bad.group(1)) if bad else 0) + (sum(map(int, errors.groups())) if errors else 0)
-    return rps, done, failed
+    p99 = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s)\s*$", out, re.MULTILINE)
+    return WrkRun(
+        rps=float(_number(r"Requests/sec:\s+([\d.]+)", out)),
+        requests=int(_number(r"(\d+) requests in", out)),
+        failed=(int(non_2xx.group(1)) if non_2xx else 0)
+        + (sum(map(int, errors.groups())) if errors else 0),
+        p99_ms=float(p99.group(1)) * _UNITS_MS[p99.group(2)] if p99 else float("nan"),
+    )
+
+
+def wrk(url: str, seconds: int, connections: int) -> WrkRun:
+    command = ["taskset", "-c", CLIENT_CORE, "wrk", "-t1", f"-c{connections}",
+               f"-d{seconds}s", "--latency", url]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 30)
+    if done.returncode != 0:
+        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr or done.stdout}")
+    return parse_wrk(done.stdout)
+
+
+# --- targets ------------------------------------------------------------------------
 
 
 @dataclass
 class Target:
     name: str
     port: int
-    process: subprocess.Popen[bytes]
-    rps: list[float] = field(default_factory=list)
+    process: Popen
+    runs: list[WrkRun] = field(default_factory=list)
     cpu_us: list[float] = field(default_factory=list)
-    failed: int = 0
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/bench"
+        return f"http://127.0.0.1:{self.port}/bench?q=1"
 
 
-def check_answers(target: Target) -> None:
-    with httpx.Client() as client:
-        for _ in range(6):
+def check_answers(target: Target, is_proxy: bool) -> None:
+    """Refuse to benchmark error pages: 200, the backend's body, every backend used."""
+    seen: set[str] = set()
+    with httpx.Client(timeout=5) as client:
+        for _ in range(3 * N_BACKENDS):
             response = client.get(target.url)
-            if response.status_code != 200 or response.content != b"x" * 100:
+            if response.status_code != 200 or response.content != BODY:
                 raise RuntimeError(
-                    f"{target.name} answered {response.status_code}: {response.text!r}"
+                    f"{target.name} answered {response.status_code}: {response.text[:300]!r}"
                 )
+            seen.add(response.headers.get("x-backend", "?"))
+    if is_proxy and len(seen) != N_BACKENDS:
+        raise RuntimeError(f"{target.name} reached backends {sorted(seen)}, not all three")
 
 
-def measure(target: Target, seconds: float, connections: int) -> None:
+def measure(target: Target, seconds: int, connections: int) -> None:
     wrk(target.url, 1, connections)  # warm up: connections, pools, caches
     before = cpu_seconds(target.process.pid)
-    rps, done, failed = wrk(target.url, seconds, connections)
+    run = wrk(target.url, seconds, connections)
     used = cpu_seconds(target.process.pid) - before
-    target.rps.append(rps)
-    target.cpu_us.append(used / max(done, 1) * 1e6)
-    target.failed += failed
+    target.runs.append(run)
+    target.cpu_us.append(used / max(run.requests, 1) * 1e6)
 
 
-def report(targets: list[Target]) -> dict[str, object]:
-    by_name = {t.name: t for t in targets}
-    reference = by_name.get("reference aiohttp proxy")
-    nginx_target = by_name.get("nginx")
-    rows = {}
+# --- report -------------------------------------------------------------------------
+
+Row = dict[str, object]
+
+
+def summarize(targets: list[Target]) -> dict[str, Row]:
+    medians = {t.name: statistics.median(r.rps for r in t.runs) for t in targets}
+    rows: dict[str, Row] = {}
     for t in targets:
-        rps = statistics.median(t.rps)
-        row = {
+        rps = medians[t.name]
+        rows[t.name] = {
             "requests_per_s": round(rps),
+            "x_reference": round(rps / medians[REFERENCE], 3) if REFERENCE in medians else None,
+            "x_nginx": round(rps / medians[NGINX], 3) if NGINX in medians else None,
             "cpu_us_per_request": round(statistics.median(t.cpu_us), 1),
             "peak_rss_mb": round(peak_rss_mb(t.process.pid), 1),
-            "failed": t.failed,
-            "rounds": [round(r) for r in t.rps],
+            "p99_ms": round(statistics.median(r.p99_ms for r in t.runs), 2),
+            "failed": sum(r.failed for r in t.runs),
+            "rounds_requests_per_s": [round(r.rps) for r in t.runs],
+            "rounds_cpu_us_per_request": [round(c, 1) for c in t.cpu_us],
         }
-        if reference is not None:
-            row["x_reference"] = round(rps / statistics.median(reference.rps), 3)
-        if nginx_target is not None:
-            row["x_nginx"] = round(rps / statistics.median(nginx_target.rps), 3)
-        rows[t.name] = row
     return rows
 
 
-def print_table(rows: dict[str, dict[str, object]]) -> None:
-    headers = ["target", "req/s", "x reference", "x nginx", "CPU us/req", "peak RSS MB", "failed"]
-    keys = ["requests_per_s", "x_reference", "x_nginx", "cpu_us_per_request", "peak_rss_mb",
-            "failed"]  # fmt: skip
-    table = [[name] + [str(row.get(k, "-")) for k in keys] for name, row in rows.items()]
-    widths = [max(len(r[i]) for r in [headers, *table]) for i in range(len(headers))]
-    for line in [headers, ["-" * w for w in widths], *table]:
-        print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)))
+def goals(row: Row) -> dict[str, dict[str, object]]:
+    """The project's targets for one balancekit row: value, target, met."""
+    x_ref, cpu, rss = row["x_reference"], row["cpu_us_per_request"], row["peak_rss_mb"]
+    assert isinstance(cpu, float) and isinstance(rss, float)
+    return {
+        "x_reference": {
+            "value": x_ref,
+            "target": f">= {MIN_X_REFERENCE}",
+            "met": isinstance(x_ref, float) and x_ref >= MIN_X_REFERENCE,
+        },
+        "cpu_us_per_request": {
+            "value": cpu,
+            "target": f"<= {MAX_CPU_US}",
+            "met": cpu <= MAX_CPU_US,
+        },
+        "peak_rss_mb": {"value": rss, "target": f"<= {MAX_RSS_MB}", "met": rss <= MAX_RSS_MB},
+    }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--duration", type=float, default=5)
-    parser.add_argument("--connections", type=int, default=32)
+COLUMNS = [
+    ("req/s", "requests_per_s"),
+    ("x ref", "x_reference"),
+    ("x nginx", "x_nginx"),
+    ("CPU us/req", "cpu_us_per_request"),
+    ("peak RSS MB", "peak_rss_mb"),
+    ("p99 ms", "p99_ms"),
+    ("failed", "failed"),
+]
+
+
+def print_table(rows: dict[str, Row]) -> None:
+    header = ["target", *(title for title, _ in COLUMNS)]
+    table = [
+        [name, *("-" if row[key] is None else str(row[key]) for _, key in COLUMNS)]
+        for name, row in rows.items()
+    ]
+    widths = [max(len(line[i]) for line in [header, *table]) for i in range(len(header))]
+    for line in [header, ["-" * w for w in widths], *table]:
+        cells = [line[0].ljust(widths[0])]
+        cells += [cell.rjust(width) for cell, width in zip(line[1:], widths[1:], strict=True)]
+        print("  ".join(cells))
+
+
+def print_goals(checks: dict[str, dict[str, dict[str, object]]]) -> None:
+    for name, by_metric in checks.items():
+        print(f"\n{name} against the project's targets:")
+        for metric, check in by_metric.items():
+            verdict = "met   " if check["met"] else "MISSED"
+            print(f"  {verdict} {metric:<20} {check['value']} (target {check['target']})")
+
+
+# --- profile ------------------------------------------------------------------------
+
+
+def profile(target: Target, seconds: int, connections: int, output: Path) -> None:
+    """Sample ``target`` with py-spy during an extra, unmeasured wrk run; print
+    balancekit's functions by share of the samples (inclusive and self)."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(py_spy).exists():
+        sys.exit("--profile needs py-spy: pip install py-spy")
+    command = [py_spy, "record", "--format", "raw", "--rate", "250", "--nonblocking",
+               "--duration", str(seconds), "--pid", str(target.process.pid),
+               "-o", str(output)]  # fmt: skip
+    spy = subprocess.Popen(
+        ["taskset", "-c", CLIENT_CORE, *command],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(0.5)
+        wrk(target.url, seconds, connections)
+        spy.wait(timeout=30)
+    finally:
+        stop([spy])
+    print(f"\npy-spy of {target.name} (raw samples in {output}):")
+    print_profile(output.read_text())
+
+
+_OURS = re.compile(r" \((balancekit/[^:]+):\d+\)$")
+
+
+def print_profile(raw: str, top: int = 15) -> None:
+    inclusive: dict[str, int] = {}
+    own: dict[str, int] = {}
+    total = 0
+    for line in raw.splitlines():
+        stack, _, text = line.rpartition(" ")
+        samples = int(text)
+        total += samples
+        # "_Exchange.run (balancekit/_engine_async.py:273)" -> "_Exchange.run balancekit/..."
+        frames = [_OURS.sub(r" \1", frame) for frame in stack.split(";")]
+        ours = {frame for frame in frames if " balancekit/" in frame}
+        for frame in ours:
+            inclusive[frame] = inclusive.get(frame, 0) + samples
+        if frames[-1] in ours:
+            own[frames[-1]] = own.get(frames[-1], 0) + samples
+    print(f"  {total} samples; balancekit's own code (self): {sum(own.values()) / total:.1%}")
+    print("  inclusive  self  function")
+    for frame, count in sorted(inclusive.items(), key=lambda kv: -kv[1])[:top]:
+        name, path = frame.rsplit(" ", 1)
+        print(f"  {count / total:9.1%}  {own.get(frame, 0) / total:4.1%}  {path}:{name}")
+
+
+# --- main ---------------------------------------------------------------------------
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument("--duration", type=int, default=5, help="seconds per run (default 5)")
+    parser.add_argument("--connections", type=int, default=32, help="wrk -c (default 32)")
     parser.add_argument("--quick", action="store_true", help="1 round of 2 s")
+    parser.add_argument(
+        "--profile", action="store_true", help="then sample balancekit (aiohttp) with py-spy"
+    )
+    parser.add_argument("--output", type=Path, default=RESULTS, help=f"default {RESULTS}")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.duration = 1, 2
-    if shutil.which("wrk") is None:
-        sys.exit("wrk is needed: apt-get install wrk")
+    return args
 
-    processes: list[subprocess.Popen[bytes]] = []
-    prefix = Path(tempfile.mkdtemp(prefix="balancekit-bench-"))
-    try:
-        backend_ports = [free_port() for _ in range(3)]
-        for port in backend_ports:
-            processes.append(uvicorn("_apps:backend", port, CLIENT_CORE, {}))
-        env = {"BENCH_BACKENDS": ",".join(f"http://127.0.0.1:{p}" for p in backend_ports)}
-        targets = [Target("backend directly", backend_ports[0], processes[0])]
-        plan = [
-            ("balancekit (aiohttp)", "_apps:balancekit_app", {}),
-            ("balancekit (httpx)", "_apps:balancekit_app", {"BENCH_TRANSPORT": "httpx"}),
-            ("reference aiohttp proxy", "_apps:reference", {}),
-        ]
-        for name, app, extra in plan:
-            port = free_port()
-            process = uvicorn(app, port, PROXY_CORE, {**env, **extra})
-            processes.append(process)
-            targets.append(Target(name, port, process))
+
+def start_targets(processes: list[Popen], prefix: Path) -> list[Target]:
+    """Start backends and proxies, appending each process to ``processes`` at once."""
+    backend_ports = [free_port() for _ in range(N_BACKENDS)]
+    for i, port in enumerate(backend_ports):
+        env = {"BENCH_NAME": f"backend-{i + 1}"}
+        processes.append(start_uvicorn("_apps:backend", port, CLIENT_CORE, env))
+    targets = [Target(BACKEND, backend_ports[0], processes[0])]
+    env = {"BENCH_BACKENDS": ",".join(f"http://127.0.0.1:{p}" for p in backend_ports)}
+    plan = [
+        (BALANCEKIT, "_apps:balancekit_app", {"BENCH_TRANSPORT": "aiohttp"}),
+        (BALANCEKIT_HTTPX, "_apps:balancekit_app", {"BENCH_TRANSPORT": "httpx"}),
+        (REFERENCE, "_apps:reference", {}),
+    ]
+    for name, app, extra in plan:
         port = free_port()
-        process = nginx(port, backend_ports, prefix)
-        if process is not None:
-            processes.append(process)
-            targets.append(Target("nginx", port, process))
+        processes.append(start_uvicorn(app, port, PROXY_CORE, {**env, **extra}))
+        targets.append(Target(name, port, processes[-1]))
+    binary = nginx_binary()
+    if binary is None:
+        print("nginx not installed: skipped", file=sys.stderr)
+    else:
+        port = free_port()
+        processes.append(start_nginx(binary, port, backend_ports, prefix))
+        targets.append(Target(NGINX, port, processes[-1]))
+    for port, process in zip(backend_ports, processes[:N_BACKENDS], strict=True):
+        wait_for_port(port, process)
+    for target in targets:
+        wait_for_port(target.port, target.process)
+        check_answers(target, is_proxy=target.name != BACKEND)
+    return targets
+
+
+def run(args: argparse.Namespace, prefix: Path, processes: list[Popen]) -> dict[str, object]:
+    targets = start_targets(processes, prefix)
+    print(f"all {len(targets)} targets answer 200 with the backend's body", file=sys.stderr)
+    for round_ in range(args.rounds):
         for target in targets:
-            wait_for_port(target.port)
-            check_answers(target)
+            measure(target, args.duration, args.connections)
+        print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr)
+    rows = summarize(targets)
+    checks = {name: goals(rows[name]) for name in (BALANCEKIT, BALANCEKIT_HTTPX)}
+    print_table(rows)
+    print_goals(checks)
+    if args.profile:
+        by_name = {t.name: t for t in targets}
+        output = args.output.with_name("balancekit.pyspy.txt")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        profile(by_name[BALANCEKIT], max(args.duration, 5), args.connections, output)
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "rounds": args.rounds,
+        "duration_s": args.duration,
+        "connections": args.connections,
+        "targets": rows,
+        "goals": checks,
+    }
 
-        for round_ in range(args.rounds):
-            for target in targets:
-                measure(target, args.duration, args.connections)
-            print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr)
 
-        rows = report(targets)
-        print_table(rows)
-        RESULTS.parent.mkdir(exist_ok=True)
-        summary = {"rounds": args.rounds, "duration_s": args.duration,
-                   "connections": args.connections, "targets": rows}  # fmt: skip
-        RESULTS.write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"\nwritten to {RESULTS}")
+def main() -> None:
+    args = parse_args()
+    if shutil.which("wrk") is None or shutil.which("taskset") is None:
+        sys.exit("wrk and taskset are needed: apt-get install wrk util-linux")
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    processes: list[Popen] = []
+    prefix = Path(tempfile.mkdtemp(prefix="balancekit-bench-", dir="/tmp"))
+    started = time.monotonic()
+    try:
+        summary = run(args, prefix, processes)
     finally:
-        for process in processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop(processes)
         shutil.rmtree(prefix, ignore_errors=True)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"\nwritten to {args.output} ({time.monotonic() - started:.0f} s)")
 
 
 if __name__ == "__main__":
