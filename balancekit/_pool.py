@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ._backend import Backend, BackendState
 from ._config import validate_backend
 from ._exceptions import NoEligibleBackend
+from .algorithms.base import overrides
 
 if TYPE_CHECKING:
     from ._config import PoolConfig
@@ -51,7 +52,6 @@ class Pool:
     ) -> None:
         self.name = name
         self.config = config
-        self.algorithm = algorithm
         self.max_connections = config.max_connections
         self.timeouts = config.timeouts
         self.retries = config.retries
@@ -72,7 +72,25 @@ class Pool:
         self.retries_active = 0
         for backend in config.backends:
             self._add(Backend(backend.url, backend.weight, backup=backend.backup))
-        self._rebuild()
+        self.algorithm = algorithm  # also builds the eligible lists
+
+    @property
+    def algorithm(self) -> SupportsPick:
+        return self._algorithm
+
+    @algorithm.setter
+    def algorithm(self, algorithm: SupportsPick) -> None:
+        # The optional feedback methods are looked up once, here; the base
+        # class's no-ops are not called at all.
+        def hook(method: str) -> Callable[..., None] | None:
+            return getattr(algorithm, method) if overrides(algorithm, method) else None
+
+        with self._lock:
+            self._algorithm = algorithm
+            self._prepare = hook("prepare")
+            self._acquired = hook("acquired")
+            self._released = hook("released")
+            self._rebuild()
 
     # --- the request path ---------------------------------------------------
 
@@ -98,12 +116,14 @@ class Pool:
                 raise NoEligibleBackend(
                     f"no eligible backend in pool {self.name!r}", pool=self.name
                 )
-            backend = self.algorithm.pick(candidates, request)
+            backend = self._algorithm.pick(candidates, request)
             backend.active_requests += 1
             backend.requests_total += 1
             self.active_requests += 1
             if backend.active_requests == self.max_connections:
                 self._saturated += 1
+            if self._acquired is not None:
+                self._acquired(backend)
             return backend
 
     def release(self, backend: Backend, *, ok: bool, latency_ms: float | None) -> None:
@@ -121,6 +141,8 @@ class Pool:
             self.active_requests -= 1
             if latency_ms is not None:
                 backend.record_latency(latency_ms, failed=not ok)
+            if self._released is not None:
+                self._released(backend)
             if ok:
                 backend.consecutive_failures = 0
             else:
@@ -230,6 +252,10 @@ class Pool:
         self._saturated = sum(1 for b in self.backends if b.active_requests >= self.max_connections)
         expiries = [b.ejected_until for b in self.backends if b.ejected_until]
         self._next_expiry = min(expiries, default=_NEVER)
+        if self._prepare is not None:
+            for eligible_set in (self._backup, self._primary):
+                if eligible_set:
+                    self._prepare(eligible_set)
 
     def _maybe_eject(self, backend: Backend) -> tuple[BackendState, BackendState] | None:
         # Under the lock. Envoy's consecutive-5xx ejection, with its doubling

@@ -33,6 +33,31 @@ class Algorithm:
     def pick(self, backends: Sequence[Backend], request: RequestInfo) -> Backend:
         raise NotImplementedError("The 'pick' method must be implemented.")
 
+    # Optional feedback, as HAProxy's ``take_conn``/``drop_conn`` lb ops: an
+    # algorithm that keeps an ordered structure (a heap, buckets) updates it
+    # here instead of scanning every backend on each pick. The pool calls
+    # them under its lock, and does not call the base class's no-ops at all.
+
+    def prepare(self, backends: Sequence[Backend]) -> None:
+        """The eligible backends changed to ``backends``: derive tables now.
+
+        Called on every change of membership or state, so that a ring or a
+        lookup table is built when the change happens, not on the first
+        request after it.
+        """
+
+    def acquired(self, backend: Backend) -> None:
+        """A request was sent to ``backend`` (its ``active_requests`` is counted)."""
+
+    def released(self, backend: Backend) -> None:
+        """A request on ``backend`` ended; its counters and latency are updated."""
+
+
+def overrides(algorithm: object, method: str) -> bool:
+    """Whether ``algorithm`` has its own ``method``, not the base class's no-op."""
+    own = getattr(type(algorithm), method, None)
+    return own is not None and own is not getattr(Algorithm, method)
+
 
 T = TypeVar("T")
 
@@ -42,22 +67,29 @@ class MembershipCache(Generic[T]):
 
     The pool hands algorithms the same tuple until membership or state
     changes, so an identity check usually settles it; any other sequence is
-    compared by its members (and their weights).
+    compared by its members (and their weights). Two tables are kept, for
+    the pool's primaries and its backups.
     """
+
+    SIZE = 2
 
     def __init__(self, build: Callable[[Sequence[Backend]], T]) -> None:
         self._build = build
-        self._backends: Sequence[Backend] | None = None
-        self._signature: tuple[tuple[int, int], ...] = ()
-        self._value: T | None = None
+        # Most recently used first: (tuple or None, signature, table).
+        self._entries: list[tuple[Sequence[Backend] | None, tuple[tuple[int, int], ...], T]] = []
 
     def get(self, backends: Sequence[Backend]) -> T:
-        if backends is self._backends and self._value is not None:
-            return self._value
+        entries = self._entries
+        if entries and entries[0][0] is backends:
+            return entries[0][2]
+        for i, (held, _, value) in enumerate(entries):
+            if held is backends:
+                entries.insert(0, entries.pop(i))
+                return value
         signature = tuple((id(b), b.weight) for b in backends)
-        if signature != self._signature or self._value is None:
-            self._value = self._build(backends)
-            self._signature = signature
+        same = [i for i, entry in enumerate(entries) if entry[1] == signature]
+        value = entries.pop(same[0])[2] if same else self._build(backends)
         # Hold a tuple only: a list could change in place behind our back.
-        self._backends = backends if isinstance(backends, tuple) else None
-        return self._value
+        entries.insert(0, (backends if isinstance(backends, tuple) else None, signature, value))
+        del entries[self.SIZE :]
+        return value

@@ -7,11 +7,22 @@ time since it was taken (half-life ``decay`` seconds), so a backend that was
 slow once is tried again later and can win back traffic when it recovered,
 instead of being judged on a stale sample forever (as Finagle's and
 Linkerd's peak-EWMA decay).
+
+No scan per pick: the decayed value is ``ewma x 2^(-(now - at) / decay)``,
+and the factor ``2^(-now / decay)`` is common to every backend, so the order
+of backends is that of ``log2(ewma) + at / decay``, which changes only when a
+backend records a sample. The backends sit in a heap by that key, updated
+when a request ends (O(log N)); a pick reads the top. A call with another
+sequence than the pool's current eligible tuple (a retry excluding the
+backend that failed) scans that subset instead.
 """
 
 from __future__ import annotations
 
+import heapq
+import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 from .._backend import Backend
@@ -37,8 +48,62 @@ class LeastResponseTime(Algorithm):
         self.decay = decay
         self._clock = clock
         self._start = 0
+        self._backends: Sequence[Backend] = ()
+        self._unsampled: OrderedDict[Backend, None] = OrderedDict()
+        # (order key, sequence number, backend); an entry is current only if
+        # its number is the backend's number in ``_current``.
+        self._heap: list[tuple[float, int, Backend]] = []
+        self._current: dict[Backend, int] = {}
+        self._sequence = 0
+
+    def _key(self, backend: Backend, ewma: float) -> float:
+        return math.log2(max(ewma, 1e-9)) + backend.latency_at / self.decay
+
+    def prepare(self, backends: Sequence[Backend]) -> None:
+        self._backends = backends
+        self._unsampled = OrderedDict((b, None) for b in backends if b.latency_ewma_ms is None)
+        self._current = {}
+        self._heap = [entry for b in backends if (entry := self._entry(b)) is not None]
+        heapq.heapify(self._heap)
+
+    def _entry(self, backend: Backend) -> tuple[float, int, Backend] | None:
+        ewma = backend.latency_ewma_ms
+        self._sequence = sequence = self._sequence + 1
+        self._current[backend] = sequence
+        return None if ewma is None else (self._key(backend, ewma), sequence, backend)
+
+    def released(self, backend: Backend) -> None:
+        if backend not in self._current or backend.latency_ewma_ms is None:
+            return  # not eligible now, or no sample yet
+        self._unsampled.pop(backend, None)
+        heap = self._heap
+        entry = self._entry(backend)
+        if entry is not None:
+            heapq.heappush(heap, entry)
+        if len(heap) > 2 * len(self._current) + 64:
+            # Drop superseded entries now and then, so the heap stays O(N).
+            current = self._current
+            self._heap = [entry for entry in heap if current[entry[2]] == entry[1]]
+            heapq.heapify(self._heap)
 
     def pick(self, backends: Sequence[Backend], request: RequestInfo) -> Backend:
+        if backends is not self._backends:
+            if not isinstance(backends, tuple):
+                return self._scan(backends)
+            self.prepare(backends)
+        unsampled = self._unsampled
+        if unsampled:
+            backend = next(iter(unsampled))
+            unsampled.move_to_end(backend)  # the next pick tries another
+            return backend
+        heap, current = self._heap, self._current
+        while True:
+            _, sequence, backend = heap[0]
+            if current[backend] == sequence:
+                return backend
+            heapq.heappop(heap)
+
+    def _scan(self, backends: Sequence[Backend]) -> Backend:
         now = self._clock()
         count = len(backends)
         start = self._start % count

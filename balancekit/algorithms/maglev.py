@@ -9,6 +9,13 @@ spread, and little remapping when a backend leaves. Weights are honoured as
 Envoy's weighted Maglev does: a backend claims a slot in a round only while
 its claimed count is below round x weight / max weight.
 
+The table is built over every backend seen (see ``_owners``): a backend
+that is not eligible keeps its slots, and a key landing on one walks on to
+the next slot whose owner is eligible. Only that backend's keys move, and
+spread evenly since neighbouring slots belong to random owners; a health
+flap costs no rebuild (about 50 ms in CPython). Adding, removing or
+reweighting a backend rebuilds the table, as Maglev does.
+
 A request without the key is spread in turn over the backends.
 """
 
@@ -20,7 +27,8 @@ from collections.abc import Sequence
 from .._backend import Backend
 from .._request import RequestInfo
 from ._keys import key_function, stable_hash
-from .base import Algorithm, MembershipCache
+from ._owners import Owners
+from .base import Algorithm
 from .round_robin import RoundRobin
 
 TABLE_SIZE = 65537
@@ -72,14 +80,26 @@ class Maglev(Algorithm):
         if not _is_prime(table_size):
             raise ValueError(f"table_size: must be a prime number, got {table_size!r}")
         self.table_size = table_size
-        self._table: MembershipCache[list[int]] = MembershipCache(
-            lambda backends: build_table(backends, table_size)
-        )
+        self._table: list[int] = []
+        self._owners = Owners(self._build)
         self._fallback = RoundRobin()  # for requests without the key
+
+    def _build(self, owners: list[Backend]) -> None:
+        self._table = build_table(owners, self.table_size)
+
+    def prepare(self, backends: Sequence[Backend]) -> None:
+        self._owners.eligible(backends)
 
     def pick(self, backends: Sequence[Backend], request: RequestInfo) -> Backend:
         value = self._key(request)
         if value is None:
             return self._fallback.pick(backends, request)
-        table = self._table.get(backends)
-        return backends[table[stable_hash(value) % self.table_size]]
+        eligible = self._owners.eligible(backends)
+        table, size = self._table, self.table_size
+        slot = stable_hash(value) % size
+        for _ in range(size):
+            backend = eligible.get(table[slot])
+            if backend is not None:
+                return backend
+            slot = slot + 1 if slot + 1 < size else 0  # not eligible: next slot
+        raise AssertionError("the table holds every eligible backend")

@@ -23,6 +23,9 @@ class WeightedRandom(Algorithm):
             lambda backends: list(itertools.accumulate(b.weight for b in backends))
         )
 
+    def prepare(self, backends: Sequence[Backend]) -> None:
+        self._cache.get(backends)
+
     def pick(self, backends: Sequence[Backend], request: RequestInfo) -> Backend:
         cumulative = self._cache.get(backends)
         point = self._rng.random() * cumulative[-1]
