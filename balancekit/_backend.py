@@ -40,6 +40,7 @@ class Backend:
         "base_path",
         "consecutive_failures",
         "draining",
+        "effective_weight",
         "ejected_until",
         "ejections",
         "enabled",
@@ -52,6 +53,7 @@ class Backend:
         "latency_ewma_ms",
         "origin",
         "port",
+        "ramp_started",
         "removed",
         "requests_total",
         "scheme",
@@ -63,6 +65,10 @@ class Backend:
         parts = urlsplit(url)
         self.url = url
         self.weight = weight
+        #: The weight algorithms balance by: ``weight``, or less while the
+        #: backend ramps up after joining (the pool's ``slow_start``).
+        self.effective_weight: float = weight
+        self.ramp_started = 0.0
         self.backup = backup
         self.scheme = parts.scheme
         self.host = parts.hostname or ""
@@ -104,7 +110,7 @@ class Backend:
             return BackendState.EJECTED
         return BackendState.HEALTHY
 
-    def record_latency(self, ms: float, *, failed: bool = False) -> None:
+    def record_latency(self, ms: float, *, failed: bool = False, at: float | None = None) -> None:
         """Feed the moving average. A failure counts as a slow answer (at
         least ``FAILURE_LATENCY_MS`` and twice the average), so a backend
         that fails fast does not look fast."""
@@ -112,13 +118,14 @@ class Backend:
         if failed:
             ms = max(ms, FAILURE_LATENCY_MS, 2 * (old or 0.0))
         self.latency_ewma_ms = ms if old is None else old + EWMA_ALPHA * (ms - old)
-        self.latency_at = time.monotonic()
+        self.latency_at = time.monotonic() if at is None else at
 
     def as_status(self) -> dict[str, object]:
         return {
             "url": self.url,
             "state": self.state.value,
             "weight": self.weight,
+            "effective_weight": round(self.effective_weight, 3),
             "backup": self.backup,
             "active_requests": self.active_requests,
             "requests_total": self.requests_total,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import threading
+import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ._backend import Backend, BackendState
@@ -50,8 +52,15 @@ class Balancer:
     """
 
     def __init__(
-        self, config: ConfigInput | None = None, *, plugin_manager: PluginManager | None = None
+        self,
+        config: ConfigInput | None = None,
+        *,
+        plugin_manager: PluginManager | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        #: Every pool reads time here: ejection windows, slow-start ramps and
+        #: latency sample ages. Tests pass a clock they move by hand.
+        self.clock = clock
         self.config = load_config(config if config is not None else {})
         self.plugins = plugin_manager or make_plugin_manager()
         self.trusted_proxies = TrustedProxies(self.config.trusted_proxies)
@@ -96,6 +105,8 @@ class Balancer:
         if found:
             problems.extend(found)
             return None
+        if "clock" in inspect.signature(cls).parameters:
+            options = {**options, "clock": self.clock}  # the one time seam
         try:
             return cls(**options)
         except (TypeError, ValueError) as exc:
@@ -132,7 +143,9 @@ class Balancer:
             )
         if algorithm is None:
             return None
-        pool = Pool(name, config, algorithm, on_state_change=self._state_changed)
+        pool = Pool(
+            name, config, algorithm, on_state_change=self._state_changed, clock=self.clock
+        )
         pool.active_checks = name in self._health
         return pool
 

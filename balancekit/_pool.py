@@ -32,6 +32,10 @@ _NEVER = float("inf")
 
 #: Retries allowed in flight whatever the budget says (Envoy's floor).
 RETRY_BUDGET_FLOOR = 3
+#: Slow start: a joining backend's first share of its weight, and the
+#: number of steps to all of it.
+RAMP_FLOOR = 0.1
+RAMP_STEPS = 10
 
 
 class Pool:
@@ -56,6 +60,11 @@ class Pool:
         self.timeouts = config.timeouts
         self.retries = config.retries
         self.outlier = config.outlier_detection
+        self.panic_threshold = config.panic_threshold
+        self.slow_start = config.slow_start
+        #: True while too few backends are eligible and all of them take
+        #: traffic regardless of health (Envoy's panic mode).
+        self.panic = False
         #: Set by the balancer when active checks run: new backends then wait
         #: for their first passing check before they take traffic.
         self.active_checks = False
@@ -67,12 +76,18 @@ class Pool:
         self._primary: tuple[Backend, ...] = ()
         self._backup: tuple[Backend, ...] = ()
         self._saturated = 0
+        self._eligible: frozenset[Backend] = frozenset()
+        self._started = False  # backends of the configuration do not ramp
+        self._ramping: list[Backend] = []
         self._next_expiry = _NEVER
+        self._next_ramp = _NEVER
+        self._next_timer = _NEVER
         self.active_requests = 0
         self.retries_active = 0
         for backend in config.backends:
             self._add(Backend(backend.url, backend.weight, backup=backend.backup))
         self.algorithm = algorithm  # also builds the eligible lists
+        self._started = True  # from now on, a backend joining ramps up
 
     @property
     def algorithm(self) -> SupportsPick:
@@ -100,8 +115,8 @@ class Pool:
         ``exclude`` is a backend that just failed this request; it is skipped
         when another is eligible. Raises :class:`NoEligibleBackend`.
         """
-        if self._next_expiry != _NEVER and self._next_expiry <= self._clock():
-            self._expire_ejections()
+        if self._next_timer != _NEVER and self._next_timer <= self._clock():
+            self._timers()
         with self._lock:
             candidates = self._primary or self._backup
             if self._saturated:
@@ -140,7 +155,7 @@ class Pool:
             backend.active_requests -= 1
             self.active_requests -= 1
             if latency_ms is not None:
-                backend.record_latency(latency_ms, failed=not ok)
+                backend.record_latency(latency_ms, failed=not ok, at=self._clock())
             if self._released is not None:
                 self._released(backend)
             if ok:
@@ -219,6 +234,7 @@ class Pool:
         with self._lock:
             return {
                 "algorithm": self.algorithm.name,
+                "panic": self.panic,
                 "active_requests": self.active_requests,
                 "retries_active": self.retries_active,
                 "backends": [b.as_status() for b in self.backends],
@@ -247,15 +263,89 @@ class Pool:
         def eligible(b: Backend) -> bool:
             return b.enabled and not b.draining and b.healthy and not b.ejected_until
 
-        self._primary = tuple(b for b in self.backends if not b.backup and eligible(b))
-        self._backup = tuple(b for b in self.backends if b.backup and eligible(b))
+        primary = tuple(b for b in self.backends if not b.backup and eligible(b))
+        backup = tuple(b for b in self.backends if b.backup and eligible(b))
+        panic = False
+        if self.panic_threshold and (primary or not backup):
+            # Envoy's panic mode: when too few of the primaries the operator
+            # left in service are eligible, the few would drown; spread over
+            # all of them instead, healthy or not. Backups, when some
+            # are eligible, still take over from no primary at all first.
+            in_service = tuple(
+                b for b in self.backends if not b.backup and b.enabled and not b.draining
+            )
+            if len(primary) * 100 < self.panic_threshold * len(in_service):
+                primary, panic = in_service, True
+        if panic != self.panic:
+            self.panic = panic
+            if panic:
+                logger.warning(
+                    "pool %s: panic mode, under %d%% of backends eligible: balancing over all %d",
+                    self.name,
+                    self.panic_threshold,
+                    len(primary),
+                )
+            else:
+                logger.info("pool %s: panic mode over", self.name)
+        now_eligible = frozenset(b for b in self.backends if eligible(b))
+        if self.slow_start and self._started:
+            joined = now_eligible - self._eligible
+            if joined:
+                self._start_ramps(joined)
+        self._eligible = now_eligible
+        self._primary, self._backup = primary, backup
         self._saturated = sum(1 for b in self.backends if b.active_requests >= self.max_connections)
         expiries = [b.ejected_until for b in self.backends if b.ejected_until]
         self._next_expiry = min(expiries, default=_NEVER)
+        self._next_timer = min(self._next_expiry, self._next_ramp)
         if self._prepare is not None:
             for eligible_set in (self._backup, self._primary):
                 if eligible_set:
                     self._prepare(eligible_set)
+
+    # --- slow start -------------------------------------------------------------
+
+    def _start_ramps(self, joined: frozenset[Backend]) -> None:
+        # Under the lock. A backend that (re)joins begins at a tenth of its
+        # weight (Envoy's default min_weight_percent) and grows linearly to
+        # all of it over ``slow_start`` seconds, in ten steps: each step is a
+        # rebuild, so tables are remade ten times per ramp, not per request.
+        now = self._clock()
+        for backend in joined:
+            backend.ramp_started = now
+            backend.effective_weight = backend.weight * RAMP_FLOOR
+            if backend not in self._ramping:
+                self._ramping.append(backend)
+        self._next_ramp = min(self._next_ramp, now + self.slow_start / RAMP_STEPS)
+
+    def _advance_ramps(self, now: float) -> None:
+        # Under the lock.
+        still = []
+        for backend in self._ramping:
+            if backend.removed:
+                continue
+            share = (now - backend.ramp_started) / self.slow_start
+            if share >= 1:
+                backend.effective_weight = backend.weight
+                backend.ramp_started = 0.0
+            else:
+                backend.effective_weight = backend.weight * max(RAMP_FLOOR, share)
+                still.append(backend)
+        self._ramping = still
+        self._next_ramp = _NEVER
+        if still:
+            # The next step, or the end of a ramp if one ends sooner.
+            ends = min(b.ramp_started for b in still) + self.slow_start
+            self._next_ramp = min(now + self.slow_start / RAMP_STEPS, ends)
+
+    def _timers(self) -> None:
+        now = self._clock()
+        if self._next_ramp <= now:
+            with self._lock:
+                self._advance_ramps(now)
+                self._rebuild()
+        if self._next_expiry <= now:
+            self._expire_ejections()
 
     def _maybe_eject(self, backend: Backend) -> tuple[BackendState, BackendState] | None:
         # Under the lock. Envoy's consecutive-5xx ejection, with its doubling

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections import Counter
 
 import pytest
@@ -12,9 +14,10 @@ REQUEST = RequestInfo("GET", "/")
 A, B, C = "http://127.0.0.1:9001", "http://127.0.0.1:9002", "http://127.0.0.1:9003"
 
 
-def make_pool(*backends, **settings):
+def make_pool(*backends, clock=time.monotonic, **settings):
     config = {"pools": {"api": {"backends": list(backends), **settings}}}
-    return Balancer(config, plugin_manager=make_plugin_manager(entry_points=False)).pools["api"]
+    manager = make_plugin_manager(entry_points=False)
+    return Balancer(config, plugin_manager=manager, clock=clock).pools["api"]
 
 
 def picks(pool, n):
@@ -214,3 +217,96 @@ def test_status_shape() -> None:
     } <= backend.keys()
     assert (backend["url"], backend["state"], backend["weight"]) == (B, "healthy", 2)
     assert backend["latency_ewma_ms"] is None
+
+
+D = "http://127.0.0.1:9004"
+
+
+def test_panic_mode_spreads_over_all_when_too_few_are_eligible(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pool = make_pool(A, B, C, D)  # panic_threshold = 50 by default
+    with caplog.at_level(logging.INFO, logger="balancekit"):
+        for url in (A, B):
+            pool.set_healthy(pool.backend(url), False)
+        assert not pool.panic  # 2 of 4 is not under 50%
+        assert set(picks(pool, 8)) == {C, D}
+        pool.set_healthy(pool.backend(C), False)
+        assert pool.panic and pool.status()["panic"] is True
+        # one healthy backend would take everything: spread over all four
+        assert Counter(picks(pool, 8)) == {A: 2, B: 2, C: 2, D: 2}
+        pool.set_healthy(pool.backend(A), True)
+        assert not pool.panic
+        assert set(picks(pool, 8)) == {A, D}
+    lines = [r.getMessage() for r in caplog.records if "panic" in r.getMessage()]
+    assert len(lines) == 2 and "balancing over all 4" in lines[0] and "over" in lines[1]
+
+
+def test_panic_counts_only_backends_left_in_service() -> None:
+    pool = make_pool(A, B, C, D)
+    pool.drain(A)
+    pool.disable(B)  # an operator's choice, not an outage
+    pool.set_healthy(pool.backend(C), False)
+    assert not pool.panic  # 1 of the 2 in service
+    assert set(picks(pool, 4)) == {D}
+    pool.set_healthy(pool.backend(D), False)
+    assert pool.panic
+    assert set(picks(pool, 4)) == {C, D}  # never the drained or disabled ones
+
+
+def test_backups_take_over_before_panic_and_threshold_zero_turns_it_off() -> None:
+    pool = make_pool(A, B, {"url": C, "backup": True})
+    for url in (A, B):
+        pool.set_healthy(pool.backend(url), False)
+    assert not pool.panic and set(picks(pool, 4)) == {C}
+    pool.set_healthy(pool.backend(C), False)
+    assert pool.panic and set(picks(pool, 4)) == {A, B}
+
+    off = make_pool(A, B, panic_threshold=0)
+    for url in (A, B):
+        off.set_healthy(off.backend(url), False)
+    assert not off.panic
+    with pytest.raises(NoEligibleBackend):
+        off.acquire(REQUEST)
+
+
+def test_slow_start_ramps_a_returning_backend_linearly() -> None:
+    now = [0.0]
+    pool = make_pool(A, B, algorithm="weighted_round_robin", slow_start=10, clock=lambda: now[0])
+    a, b = pool.backend(A), pool.backend(B)
+    assert b.effective_weight == 1  # the configured backends start at full weight
+    pool.set_healthy(b, False)
+    pool.set_healthy(b, True)
+    ramp = []
+    for t in (0.0, 2.5, 5.0, 7.5, 9.9, 10.0, 30.0):
+        now[0] = t
+        shares = Counter(picks(pool, 400))
+        ramp.append((b.effective_weight, shares[B] / 400))
+    assert [w for w, _ in ramp] == [0.1, 0.25, 0.5, 0.75, pytest.approx(0.99), 1, 1]
+    # its share of traffic follows: weight / (weight + 1)
+    for weight, share in ramp:
+        assert share == pytest.approx(weight / (weight + a.effective_weight), abs=0.01)
+    assert pool.status()["backends"][1]["effective_weight"] == 1
+
+
+def test_slow_start_for_added_backends_and_least_connections() -> None:
+    now = [0.0]
+    pool = make_pool(A, algorithm="least_connections", slow_start=20, clock=lambda: now[0])
+    pool.add_backend(B)
+    held = [pool.acquire(REQUEST) for _ in range(22)]
+    # in-flight per effective weight stays level: A 1.0, B 0.1 -> 20 and 2
+    assert Counter(b.url for b in held) == {A: 20, B: 2}
+    for backend in held:
+        pool.release(backend, ok=True, latency_ms=1)
+    now[0] = 20.0
+    held = [pool.acquire(REQUEST) for _ in range(20)]
+    assert Counter(b.url for b in held) == {A: 10, B: 10}
+    for backend in held:
+        pool.release(backend, ok=True, latency_ms=1)
+
+
+def test_slow_start_is_off_by_default() -> None:
+    pool = make_pool(A, B)
+    pool.set_healthy(pool.backend(B), False)
+    pool.set_healthy(pool.backend(B), True)
+    assert pool.backend(B).effective_weight == 1

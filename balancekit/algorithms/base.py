@@ -76,7 +76,7 @@ class MembershipCache(Generic[T]):
     def __init__(self, build: Callable[[Sequence[Backend]], T]) -> None:
         self._build = build
         # Most recently used first: (tuple or None, signature, table).
-        self._entries: list[tuple[Sequence[Backend] | None, tuple[tuple[int, int], ...], T]] = []
+        self._entries: list[tuple[Sequence[Backend] | None, tuple[tuple[int, float], ...], T]] = []
 
     def get(self, backends: Sequence[Backend]) -> T:
         entries = self._entries
@@ -86,7 +86,7 @@ class MembershipCache(Generic[T]):
             if held is backends:
                 entries.insert(0, entries.pop(i))
                 return value
-        signature = tuple((id(b), b.weight) for b in backends)
+        signature = tuple((id(b), b.effective_weight) for b in backends)
         same = [i for i, entry in enumerate(entries) if entry[1] == signature]
         value = entries.pop(same[0])[2] if same else self._build(backends)
         # Hold a tuple only: a list could change in place behind our back.

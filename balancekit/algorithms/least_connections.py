@@ -1,7 +1,8 @@
 """Least connections: fewest requests in flight, relative to weight.
 
 As NGINX ``least_conn`` and HAProxy ``leastconn``: the score is in-flight
-requests divided by weight; ties go to the backends in turn, never always
+requests divided by weight (the effective weight, lower while a backend
+ramps up under ``slow_start``); ties go to the backends in turn, never always
 to the first.
 
 HAProxy keeps its servers in a tree ordered by that score and moves a
@@ -33,7 +34,7 @@ class _Buckets:
 
     __slots__ = ("buckets", "lowest", "weight")
 
-    def __init__(self, weight: int) -> None:
+    def __init__(self, weight: float) -> None:
         self.weight = weight
         self.buckets: dict[int, OrderedDict[Backend, None]] = {}
         self.lowest = 0
@@ -72,12 +73,13 @@ class LeastConnections(Algorithm):
         self._start = 0
 
     def prepare(self, backends: Sequence[Backend]) -> None:
-        groups: dict[int, _Buckets] = {}
+        groups: dict[float, _Buckets] = {}
         where = {}
         for backend in backends:
-            group = groups.get(backend.weight)
+            weight = backend.effective_weight
+            group = groups.get(weight)
             if group is None:
-                group = groups[backend.weight] = _Buckets(backend.weight)
+                group = groups[weight] = _Buckets(weight)
             group.add(backend, backend.active_requests)
             where[backend] = (group, backend.active_requests)
         self._backends = backends
@@ -123,10 +125,10 @@ class LeastConnections(Algorithm):
         start = self._start % count
         self._start = start + 1
         best = backends[start]
-        best_score = best.active_requests / best.weight
+        best_score = best.active_requests / best.effective_weight
         for i in range(start + 1, start + count):
             backend = backends[i % count] if i >= count else backends[i]
-            score = backend.active_requests / backend.weight
+            score = backend.active_requests / backend.effective_weight
             if score < best_score:
                 best, best_score = backend, score
         return best

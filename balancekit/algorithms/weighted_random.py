@@ -19,8 +19,8 @@ class WeightedRandom(Algorithm):
 
     def __init__(self, *, rng: _random.Random | None = None) -> None:
         self._rng = rng or _random.Random()
-        self._cache: MembershipCache[list[int]] = MembershipCache(
-            lambda backends: list(itertools.accumulate(b.weight for b in backends))
+        self._cache: MembershipCache[list[float]] = MembershipCache(
+            lambda backends: list(itertools.accumulate(b.effective_weight for b in backends))
         )
 
     def prepare(self, backends: Sequence[Backend]) -> None:

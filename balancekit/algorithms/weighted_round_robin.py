@@ -1,7 +1,8 @@
 """Smooth weighted round robin, the sequence NGINX produces, in O(G log N).
 
 NGINX's rule (``ngx_http_upstream_get_peer``): each pick adds every
-eligible backend's weight to its running score, takes the backend with the
+eligible backend's weight (its effective weight, lower while it ramps up
+under ``slow_start``) to its running score, takes the backend with the
 highest score (the first in order on a tie) and subtracts the total weight
 from it. Weights a=5, b=1, c=1 give ``a a b a c a a`` and repeat: the heavy
 backend's turns are spread out instead of bunched.
@@ -35,22 +36,24 @@ from .base import Algorithm
 class _Schedule:
     """The lazy scores of one eligible tuple; see the module docstring."""
 
-    def __init__(self, backends: Sequence[Backend], scores: dict[str, int]) -> None:
+    def __init__(self, backends: Sequence[Backend], scores: dict[str, float]) -> None:
         self.backends = backends
-        self.total = sum(b.weight for b in backends)
+        self.total = sum(b.effective_weight for b in backends)
         self.steps = 0
-        by_weight: dict[int, list[tuple[int, int]]] = {}
+        by_weight: dict[float, list[tuple[float, int]]] = {}
         for index, backend in enumerate(backends):
             # heapq is a min-heap: the highest base first, then the lowest index.
-            by_weight.setdefault(backend.weight, []).append((-scores.get(backend.url, 0), index))
+            entry = (-scores.get(backend.url, 0), index)
+            by_weight.setdefault(backend.effective_weight, []).append(entry)
         self.heaps = list(by_weight.items())
         for _, heap in self.heaps:
             heapq.heapify(heap)
 
     def pick(self) -> Backend:
         self.steps = steps = self.steps + 1
-        best_heap: list[tuple[int, int]] = []
-        best_score = best_index = 0
+        best_heap: list[tuple[float, int]] = []
+        best_score: float = 0
+        best_index = 0
         for weight, heap in self.heaps:
             negated_base, index = heap[0]
             score = steps * weight - negated_base
@@ -60,7 +63,7 @@ class _Schedule:
         heapq.heapreplace(best_heap, (negated_base + self.total, best_index))
         return self.backends[best_index]
 
-    def scores(self) -> dict[str, int]:
+    def scores(self) -> dict[str, float]:
         """Every backend's current running score, by URL."""
         backends, steps = self.backends, self.steps
         return {
@@ -76,7 +79,7 @@ class WeightedRoundRobin(Algorithm):
     def __init__(self) -> None:
         # Scores by URL while no schedule holds them: a backend keeps its
         # score when the eligible set changes around it.
-        self._scores: dict[str, int] = {}
+        self._scores: dict[str, float] = {}
         self._schedule: _Schedule | None = None
 
     def prepare(self, backends: Sequence[Backend]) -> None:
@@ -109,13 +112,13 @@ class WeightedRoundRobin(Algorithm):
             self._scores.update(self._schedule.scores())
             self._schedule = None
         scores = self._scores
-        total = 0
+        total: float = 0
         best = backends[0]
         best_score = None
         for backend in backends:
-            score = scores.get(backend.url, 0) + backend.weight
+            score = scores.get(backend.url, 0) + backend.effective_weight
             scores[backend.url] = score
-            total += backend.weight
+            total += backend.effective_weight
             if best_score is None or score > best_score:
                 best, best_score = backend, score
         scores[best.url] -= total
