@@ -9,9 +9,11 @@ from typing import Any
 import httpx
 import pytest
 
-from balancekit import Balancer
+from balancekit import Backend, Balancer
 from balancekit.asgi import BalanceMiddleware
+from balancekit.health.http import HTTPHealthCheck
 from tests.helpers import app_fallback
+from tests.upstreams import make_echo_app
 
 
 class Switchable:
@@ -104,3 +106,21 @@ def test_checks_stop_with_the_server(serve) -> None:
     assert balancer._schedulers
     server.stop()
     assert not any(balancer._schedulers.values())
+
+
+def test_http_check_expects_body_text_status_and_sends_headers(serve) -> None:
+    upstream = serve(make_echo_app("a"))  # echoes the request as JSON
+
+    async def run(**options: Any) -> bool:
+        check = HTTPHealthCheck(path="/healthz", **options)
+        try:
+            return await check.check(Backend(upstream.url))
+        finally:
+            await check.aclose()
+
+    assert asyncio.run(run(expect_body='"backend": "a"'))
+    assert not asyncio.run(run(expect_body="READY"))
+    assert asyncio.run(run(expect_body="api.internal", headers={"Host": "api.internal"}))
+    assert not asyncio.run(run(expect_status="500-599"))
+    with pytest.raises(ValueError, match="expect_body: must not be empty"):
+        HTTPHealthCheck(expect_body="")

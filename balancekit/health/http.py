@@ -24,9 +24,15 @@ def parse_status_ranges(spec: str) -> list[tuple[int, int]]:
     return ranges
 
 
+#: How much of a check's answer is searched for ``expect_body``.
+BODY_LIMIT = 64 * 1024
+
+
 class HTTPHealthCheck:
     """Healthy when ``method path`` answers within ``timeout`` with a status
-    in ``expect_status`` (ranges such as ``"200-399"`` or ``"200,204"``)."""
+    in ``expect_status`` (ranges such as ``"200-399"`` or ``"200,204"``) and,
+    when ``expect_body`` is set, with that text in the first 64 KiB of the
+    body (as HAProxy's ``http-check expect string``)."""
 
     name = "http"
 
@@ -38,6 +44,7 @@ class HTTPHealthCheck:
         expect_status: str = "200-399",
         method: str = "GET",
         headers: dict[str, str] | None = None,
+        expect_body: str | None = None,
     ) -> None:
         if not path.startswith("/"):
             raise ValueError(f"path: must start with '/', got {path!r}")
@@ -48,6 +55,11 @@ class HTTPHealthCheck:
         self.ranges = parse_status_ranges(expect_status)
         self.method = method
         self.headers = dict(headers or {})
+        if expect_body is not None and not expect_body:
+            raise ValueError(
+                "expect_body: must not be empty (leave it out to check the status only)"
+            )
+        self.expect_body = None if expect_body is None else expect_body.encode()
         self._session: aiohttp.ClientSession | None = None
 
     async def check(self, backend: Backend) -> bool:
@@ -62,10 +74,21 @@ class HTTPHealthCheck:
             async with self._session.request(
                 self.method, url, headers=self.headers, allow_redirects=False
             ) as response:
-                status = response.status
+                if not any(lo <= response.status <= hi for lo, hi in self.ranges):
+                    return False
+                if self.expect_body is None:
+                    return True
+                body = b""
+                while len(body) < BODY_LIMIT:
+                    chunk = await response.content.read(BODY_LIMIT - len(body))
+                    if not chunk:
+                        break
+                    body += chunk
+                    if self.expect_body in body:
+                        return True
         except (aiohttp.ClientError, TimeoutError, OSError):
             return False
-        return any(lo <= status <= hi for lo, hi in self.ranges)
+        return False
 
     async def aclose(self) -> None:
         if self._session is not None:
