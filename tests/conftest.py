@@ -41,7 +41,9 @@ class ServerThread:
     """uvicorn serving ``app`` on 127.0.0.1 in a background thread."""
 
     def __init__(self, app: Any, **options: Any) -> None:
-        self.sock = socket.socket()
+        # IPPROTO_TCP so that asyncio sets TCP_NODELAY on accepted sockets
+        # (see balancekit.cli._bind): else every answer waits ~40 ms.
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -16,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from balancekit.cli import _bind
 from tests.conftest import closed_port_url, free_port
 
 
@@ -201,3 +203,11 @@ def test_version() -> None:
     result = run("--version")
     assert result.returncode == 0
     assert "0.1.0" in result.stdout
+
+
+def test_serve_listens_on_a_socket_asyncio_will_set_nodelay_on() -> None:
+    # asyncio sets TCP_NODELAY only on accepted sockets whose proto is TCP;
+    # with proto 0, uvicorn's two writes (headers, then body) met Nagle and
+    # every answer waited ~40 ms for the client's delayed ACK.
+    with _bind("127.0.0.1", 0) as sock:
+        assert sock.proto == socket.IPPROTO_TCP
