@@ -28,7 +28,7 @@ def pool_config(urls: list[str], **pool: Any) -> dict[str, Any]:
 
 def balanced(
     serve: Callable[..., Any],
-    urls: list[str],
+    urls: list[Any],
     *,
     transport: str = "aiohttp",
     prefix: str = "/api/",

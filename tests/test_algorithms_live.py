@@ -138,7 +138,7 @@ def test_hashing_keeps_a_key_on_one_backend(serve, named, client, algorithm) -> 
         )
         homes = {}
         for i in range(24):
-            answers = {get(client, proxy, **send(f"user-{i}")) for _ in range(3)}
+            answers = {get(client, proxy, "/api/x", **send(f"user-{i}")) for _ in range(3)}
             assert len(answers) == 1, f"{key}: user-{i} moved between {answers}"
             homes[i] = answers.pop()
         assert len(set(homes.values())) >= 3, f"{key}: 24 keys should spread"
