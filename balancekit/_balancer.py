@@ -143,9 +143,7 @@ class Balancer:
             )
         if algorithm is None:
             return None
-        pool = Pool(
-            name, config, algorithm, on_state_change=self._state_changed, clock=self.clock
-        )
+        pool = Pool(name, config, algorithm, on_state_change=self._state_changed, clock=self.clock)
         pool.active_checks = name in self._health
         return pool
 
