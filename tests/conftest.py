@@ -38,14 +38,18 @@ def free_port() -> int:
 
 
 class ServerThread:
-    """uvicorn serving ``app`` on 127.0.0.1 in a background thread."""
+    """uvicorn serving ``app`` on 127.0.0.1 in a background thread.
 
-    def __init__(self, app: Any, **options: Any) -> None:
+    ``port`` 0 (the default) lets the OS pick one; a given port serves a
+    stopped server's address again (a backend that comes back).
+    """
+
+    def __init__(self, app: Any, *, port: int = 0, **options: Any) -> None:
         # IPPROTO_TCP so that asyncio sets TCP_NODELAY on accepted sockets
         # (see balancekit.cli._bind): else every answer waits ~40 ms.
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind(("127.0.0.1", port))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.app = app
@@ -81,6 +85,9 @@ def serve() -> Iterator[Callable[..., ServerThread]]:
         return server
 
     yield start
+    # Ask every server to exit first, then wait: they shut down side by side.
+    for server in started:
+        server.server.should_exit = True
     for server in reversed(started):
         server.stop()
 

@@ -221,3 +221,39 @@ class RawServer:
         self._stop = True
         self._thread.join(timeout=2)
         self.sock.close()
+
+
+class NamedUpstream:
+    """An upstream whose whole answer is its name, for counting who served what.
+
+    ``delay`` (seconds) slows every answer down; it can be changed while the
+    server runs. A request to a path ending in ``/hold`` is kept open until
+    the test sets ``release`` (10 s at most); ``holding`` counts those open
+    now. ``served`` counts answers given.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.delay = 0.0
+        self.release = threading.Event()
+        self.holding = 0
+        self.served = 0
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await complete_lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        if scope["path"].endswith("/hold"):
+            self.holding += 1
+            try:
+                # release is set from the test's thread: wait for it off the loop.
+                await asyncio.to_thread(self.release.wait, 10)
+            finally:
+                self.holding -= 1
+        elif self.delay:
+            await asyncio.sleep(self.delay)
+        self.served += 1
+        await _start(send, 200, [(b"content-type", b"text/plain")])
+        await send({"type": "http.response.body", "body": self.name.encode()})
