@@ -42,12 +42,23 @@ def test_falls_back_when_one_side_has_no_eligible_backend() -> None:
     assert algorithm.pick([CANARY], make_request()) is CANARY
 
 
+def test_canaries_match_backends_written_with_a_slash_or_capitals() -> None:
+    backends = make_backends(2)
+    written = "HTTP" + backends[1].url.removeprefix("http") + "/"  # HTTP://10.99.0.2:8080/
+    algorithm = HeaderCanary(canaries=[written])
+    assert algorithm.pick(backends, make_request(headers={"X-Canary": "yes"})) is backends[1]
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
         ({"canaries": []}, "canaries: must name at least one"),
         ({"canaries": "http://x"}, "canaries: must be a list"),
-        ({"canaries": ["http://x"], "percent": 150}, "percent: must be between 0 and 100"),
+        ({"canaries": [3]}, "canaries: must be a list"),
+        ({"canaries": ["10.0.0.9:8000"]}, "canaries: '10.0.0.9:8000' is not a backend URL"),
+        ({"canaries": ["http://x"], "percent": 150}, "percent: must be a number between 0 and"),
+        ({"canaries": ["http://x"], "percent": "5"}, "percent: must be a number between 0 and"),
+        ({"canaries": ["http://x"], "percent": True}, "percent: must be a number between 0 and"),
         ({"canaries": ["http://x"], "header": ""}, "header: must be a header name"),
     ],
 )

@@ -16,7 +16,9 @@ the stable ones rather than fail, and the other way round.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from urllib.parse import urlsplit
 
 from balancekit import Algorithm, Backend, RequestInfo, hookimpl
 
@@ -25,21 +27,43 @@ __all__ = ["HeaderCanary"]
 OPT_IN = frozenset({"1", "true", "yes", "always"})
 
 
+def same_backend(url: str) -> str:
+    """``url`` in the form used to compare it: scheme and host in lower case,
+    no trailing slash, so ``HTTP://Host:8000/`` names ``http://host:8000``."""
+    parts = urlsplit(url.strip())
+    return f"{parts.scheme.lower()}://{parts.netloc.lower()}{parts.path.rstrip('/')}"
+
+
+def check_canary(url: object) -> str:
+    if not isinstance(url, str):
+        raise ValueError(f"canaries: must be a list of backend URLs, got {url!r} in it")
+    parts = urlsplit(url.strip())
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"canaries: {url!r} is not a backend URL like 'http://10.0.0.9:8000'")
+    return same_backend(url)
+
+
 class HeaderCanary(Algorithm):
     name = "header_canary"
 
     def __init__(
         self, *, canaries: Sequence[str] = (), header: str = "X-Canary", percent: float = 0
     ) -> None:
-        if isinstance(canaries, str) or not all(isinstance(u, str) for u in canaries):
+        if isinstance(canaries, str) or not isinstance(canaries, Sequence):
             raise ValueError(f"canaries: must be a list of backend URLs, got {canaries!r}")
         if not canaries:
             raise ValueError("canaries: must name at least one backend URL")
         if not header or not isinstance(header, str):
             raise ValueError(f"header: must be a header name, got {header!r}")
-        if not 0 <= percent <= 100:
-            raise ValueError(f"percent: must be between 0 and 100, got {percent!r}")
-        self.canaries = frozenset(canaries)
+        value: object = percent  # a configuration file can hold anything
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not (math.isfinite(value) and 0 <= value <= 100)
+        ):
+            raise ValueError(f"percent: must be a number between 0 and 100, got {percent!r}")
+        # Compared as written in the pool's backends, give or take a slash.
+        self.canaries = frozenset(check_canary(url) for url in canaries)
         self.header = header
         self.percent = percent
         self._split: tuple[Sequence[Backend], tuple[Backend, ...], tuple[Backend, ...]] | None = (
@@ -54,9 +78,11 @@ class HeaderCanary(Algorithm):
         # The split changes only when the eligible backends do.
         split = self._split
         if split is None or split[0] is not backends:
-            canary = tuple(b for b in backends if b.url in self.canaries)
-            stable = tuple(b for b in backends if b.url not in self.canaries)
-            split = self._split = (backends, canary, stable)
+            canary: list[Backend] = []
+            stable: list[Backend] = []
+            for backend in backends:
+                (canary if same_backend(backend.url) in self.canaries else stable).append(backend)
+            split = self._split = (backends, tuple(canary), tuple(stable))
         return split[1], split[2]
 
     def pick(self, backends: Sequence[Backend], request: RequestInfo) -> Backend:
