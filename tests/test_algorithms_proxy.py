@@ -277,6 +277,37 @@ def test_hashing_moves_only_the_keys_of_a_backend_that_leaves_and_gives_them_bac
     assert homes() == before  # b takes its keys back
 
 
+@pytest.mark.parametrize(("bounded_load", "most"), [(None, 8), (1.25, 3)])
+def test_consistent_hash_bounded_load_spills_a_hot_key(
+    serve: Serve, named: Named, bounded_load: float | None, most: int
+):
+    servers = named("a", "b", "c", "d")
+    holders = [upstream(s) for s in servers]
+    algorithm: dict[str, Any] = {"name": "consistent_hash", "key": "header:X-User"}
+    if bounded_load is not None:
+        algorithm["bounded_load"] = bounded_load
+    proxy, balancer = balanced(serve, urls(servers), pool={"algorithm": algorithm})
+    pool = balancer.pools["api"]
+    held: list[Future[httpx.Response]] = []
+    hot = {"X-User": "everybody-wants-this"}
+    with ThreadPoolExecutor(8) as executor:
+        try:
+            for _ in range(8):  # one at a time, so each pick sees the last one in flight
+                held.append(
+                    executor.submit(httpx.get, proxy.url + "/api/hold", headers=hot, timeout=15)
+                )
+                wait_until(lambda: pool.active_requests == len(held), f"{len(held)} held")
+            holding = sorted((u.holding for u in holders), reverse=True)
+        finally:
+            for u in holders:
+                u.release.set()
+        assert all(f.result(timeout=10).status_code == 200 for f in held)
+    # Unbounded, a hot key piles on its backend; bounded by 1.25, no backend
+    # carries more than ceil(1.25 x 8 / 4) = 3 and the rest spill along the ring.
+    assert sum(holding) == 8
+    assert holding[0] == most, holding
+
+
 # --- first and backups: take over, give back ---------------------------------
 
 
