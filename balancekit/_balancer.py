@@ -27,7 +27,9 @@ from ._pool import Pool
 from ._routing import Route, RouteTable
 
 if TYPE_CHECKING:
+    from ._background import BackgroundLoop
     from ._engine_async import AsyncEngine
+    from ._engine_sync import SyncEngine
     from ._types import SupportsPick
     from .health._scheduler import HealthScheduler
 
@@ -86,6 +88,9 @@ class Balancer:
             asyncio.AbstractEventLoop, list[HealthScheduler]
         ] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
+        # The WSGI side: one engine and one background thread per process.
+        self._sync_engine: SyncEngine | None = None
+        self._background: BackgroundLoop | None = None
 
     # --- construction -------------------------------------------------------------
 
@@ -179,14 +184,52 @@ class Balancer:
                 engine = self._engines.setdefault(loop, AsyncEngine(self))
         return engine
 
+    def sync_engine(self) -> SyncEngine:
+        """The sync engine of this process (a forked child makes its own)."""
+        engine = self._sync_engine
+        if engine is None:
+            from ._engine_sync import SyncEngine
+
+            with self._lock:
+                engine = self._sync_engine
+                if engine is None:
+                    engine = self._sync_engine = SyncEngine(self)
+                    _process_local.add(self)
+        return engine
+
+    def start_background(self) -> None:
+        """Run the health checks in a daemon thread of this process, unless
+        they run already (in that thread or in an ASGI server's loop)."""
+        background = self._background
+        if background is None:
+            from ._background import BackgroundLoop
+
+            with self._lock:
+                background = self._background
+                if background is None:
+                    background = self._background = BackgroundLoop(self)
+        background.ensure_started()
+
+    def close(self) -> None:
+        """The sync counterpart of :meth:`aclose`: stop the background thread
+        and close the sync engine's upstream connections."""
+        with self._lock:
+            background, self._background = self._background, None
+            engine, self._sync_engine = self._sync_engine, None
+        if background is not None:
+            background.stop()
+        if engine is not None:
+            engine.close()
+
     async def astart(self) -> None:
-        """Start the active health checks in the running loop (idempotent)."""
+        """Start the active health checks in the running loop, unless they
+        run in another loop of this process already (idempotent)."""
         from .health._scheduler import HealthScheduler
 
         loop = asyncio.get_running_loop()
         with self._lock:
-            if loop in self._schedulers:
-                return
+            if any(not other.is_closed() for other in self._schedulers):
+                return  # one set of checks per process: every loop shares the pools
             schedulers = self._schedulers[loop] = []
         for name, (cls, options) in self._health.items():
             check = self.config.pools[name].health_check
@@ -224,6 +267,21 @@ class Balancer:
                     "plugin %r failed in balancekit_backend_state_changed",
                     self.plugins.pm.get_name(impl.plugin),
                 )
+
+
+#: Balancers with per-process state to forget in a forked child.
+_process_local: weakref.WeakSet[Balancer] = weakref.WeakSet()
+
+
+def _forget_after_fork() -> None:
+    # Connection pools must not cross a fork: the child makes its own.
+    for balancer in list(_process_local):
+        balancer._sync_engine = None
+        balancer._lock = threading.Lock()
+    _process_local.clear()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def balancer_from(config: ConfigInput | None, balancer: Balancer | None) -> Balancer:

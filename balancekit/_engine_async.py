@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
-from ._decision import is_failure, may_retry
 from ._exceptions import NoEligibleBackend, ProxyError, UpstreamProtocolError
+from ._exchange import (
+    Attempts,
+    inspect_request,
+    log_access,
+    refusal_status,
+    valid_status,
+    with_host,
+)
 from ._forwarding import downstream_response_headers, upstream_request_headers
 from ._problem import bad_request, problem_response
 from ._request import RequestInfo
@@ -31,15 +37,8 @@ if TYPE_CHECKING:
     from ._types import RawHeaders, Receive, Scope, Send
 
 logger = logging.getLogger("balancekit")
-access_logger = logging.getLogger("balancekit.access")
 
 _WS_SCHEMES = {"ws": "http", "wss": "https"}
-
-#: Limits on a routed request's header block, as Envoy's defaults
-#: (max_request_headers_kb = 60, max_headers_count = 100).
-MAX_HEADER_BYTES = 60 * 1024
-MAX_HEADER_COUNT = 100
-HEADERS_TOO_LARGE = "request headers too large"
 
 #: Seconds after the request body is read before client disconnects are
 #: watched for; a disconnect is noticed at most this much later.
@@ -77,34 +76,6 @@ class RequestBody:
                 self._on_complete()
             if body:
                 yield body
-
-
-def inspect_request(headers: RawHeaders) -> tuple[bool, str | None]:
-    """Whether the request has a body, and why it must be refused (or None).
-
-    Refused: more header bytes or fields than ``MAX_HEADER_BYTES`` and
-    ``MAX_HEADER_COUNT`` (uvicorn's httptools parser sets no limit), and
-    body framing that is unsafe to forward. ASGI servers reject most bad
-    framing themselves; checking again costs nothing extra in this same
-    pass and closes the door on smuggling through a lenient server.
-    """
-    length = None
-    chunked = conflict = False
-    size = 0
-    for name, value in headers:
-        size += len(name) + len(value)
-        if name == b"content-length":
-            conflict = conflict or (length is not None and value != length)
-            length = value
-        elif name == b"transfer-encoding":
-            chunked = True
-    if size > MAX_HEADER_BYTES or len(headers) > MAX_HEADER_COUNT:
-        return False, HEADERS_TOO_LARGE
-    if chunked and length is not None:
-        return True, "both Content-Length and Transfer-Encoding"
-    if length is not None and (conflict or not length.isdigit()):
-        return True, "invalid Content-Length"
-    return chunked or (length is not None and length.strip(b"0") != b""), None
 
 
 class AsyncEngine:
@@ -169,8 +140,8 @@ class AsyncEngine:
             return
         has_body, problem = inspect_request(scope["headers"])
         if problem is not None:
-            status = 431 if problem is HEADERS_TOO_LARGE else 400
-            await _respond(send, *bad_request(f"refused: {problem}", status=status))
+            refusal = bad_request(f"refused: {problem}", status=refusal_status(problem))
+            await _respond(send, *refusal)
             return
         exchange = _Exchange(self, pool, route, path, raw_path, scope, receive, send, has_body)
         await exchange.run()
@@ -195,13 +166,6 @@ class AsyncEngine:
             trusted=request.client_ip in self.balancer.trusted_proxies,
             host=None if pool.config.preserve_host else b"",
         )
-
-
-def with_host(headers: RawHeaders, backend: Backend, preserve_host: bool) -> RawHeaders:
-    """``headers`` with the backend's Host in front (unless the client's is kept)."""
-    if preserve_host:
-        return headers
-    return [(b"host", backend.host_header_raw), *headers[1:]]
 
 
 async def _respond(
@@ -296,71 +260,49 @@ class _Exchange:
 
     async def _run(self) -> None:
         pool = self.pool
-        method = self.request.method
         headers = self.engine.upstream_headers(pool, self.request)
         preserve_host = pool.config.preserve_host
         transport = self.engine.transport
-        attempt = 0
-        exclude: Backend | None = None
-        in_budget = False
+        body = self.body
+        attempts = Attempts(pool, self.request)
         try:
             while True:
-                attempt += 1
                 try:
-                    backend = pool.acquire(self.request, exclude=exclude)
+                    backend = attempts.next()
                 except NoEligibleBackend as exc:
                     await self._problem(exc)
                     return
-                started = time.perf_counter()
                 try:
                     response = await transport.send(
                         backend,
-                        method,
+                        self.request.method,
                         self.target,
                         with_host(headers, backend, preserve_host),
-                        self.body,
+                        body,
                         pool.timeouts,
                         pool=pool.name,
                     )
                 except ProxyError as exc:
-                    pool.release(backend, ok=False, latency_ms=_ms_since(started))
-                    if in_budget:
-                        pool.release_retry()
-                        in_budget = False
                     if self.disconnected_during_body(exc):
+                        self.disconnected = True  # says nothing of the backend
                         return
-                    retry = may_retry(
-                        exc,
-                        method=method,
-                        attempt=attempt,
-                        attempts=pool.retries.attempts,
-                        response_started=False,
-                        body_replayable=self.body is None or not self.body.started,
-                    )
-                    if retry and pool.try_acquire_retry():
-                        in_budget = True
-                        exclude = backend
+                    attempts.release(ok=False)
+                    if attempts.retry(exc, body_replayable=body is None or not body.started):
                         continue
                     await self._problem(exc)
                     return
-                except BaseException:
-                    # A client that left says nothing about the backend.
-                    pool.release(backend, ok=self.disconnected, latency_ms=None)
-                    raise
-                if not 200 <= response.status <= 599:
-                    # 1xx (an unasked-for 101 included) or out of range: not
-                    # an answer a client can be given.
+                if not valid_status(response.status):
                     await response.aclose()
-                    pool.release(backend, ok=False, latency_ms=_ms_since(started))
+                    attempts.release(ok=False)
                     await self._problem(
                         UpstreamProtocolError("upstream sent a malformed response", pool=pool.name)
                     )
                     return
-                await self._relay(backend, response, started)
+                await self._relay(attempts, backend, response)
                 return
         finally:
-            if in_budget:
-                pool.release_retry()
+            # A client that left (or a cancelled task) says nothing of the backend.
+            attempts.close(ok=self.disconnected)
 
     def disconnected_during_body(self, exc: ProxyError) -> bool:
         # aiohttp reports our body iterator's ClientDisconnected as its own error
@@ -371,11 +313,11 @@ class _Exchange:
             cause = cause.__cause__
         return False
 
-    async def _relay(self, backend: Backend, response: UpstreamResponse, started: float) -> None:
+    async def _relay(
+        self, attempts: Attempts, backend: Backend, response: UpstreamResponse
+    ) -> None:
         """Stream the upstream response to the client, settling the counters
         before the client sees the end, so status never lags what it saw."""
-        pool = self.pool
-        released = False
         try:
             status = response.status
             self.response_started = True  # from here on, never a second start
@@ -391,46 +333,26 @@ class _Exchange:
             while chunk := await read():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             self.finished = True
-            latency = _ms_since(started)
-            released = True
-            pool.release(backend, ok=not is_failure(status), latency_ms=latency)
+            latency = attempts.answered(status)
             await response.aclose()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             if self.engine.access_log:
-                self._log(backend, status, latency)
+                log_access(self.request, self.target, self.pool.name, status, backend, latency)
         except ProxyError:
             # Response bytes already reached the client: too late for a 502.
             # Ending without completing the response makes the server drop
             # the connection, so the client sees a truncated response.
-            logger.warning("pool %s: upstream failed mid-response", pool.name)
+            logger.warning("pool %s: upstream failed mid-response", self.pool.name)
         finally:
-            if not released:  # the upstream failed, or the client left
-                pool.release(backend, ok=self.disconnected, latency_ms=None)
+            if not self.finished:  # the upstream failed, or the client left
                 await response.aclose()
 
     async def _problem(self, error: ProxyError) -> None:
         logger.warning("pool %s: %s", self.pool.name, error.detail)
         if self.engine.access_log:
-            self._log(None, error.status_code, None)
+            log_access(self.request, self.target, self.pool.name, error.status_code, None, None)
         self.finished = True
         await _respond(self.send, *problem_response(error))
-
-    def _log(self, backend: Backend | None, status: int, latency: float | None) -> None:
-        request = self.request
-        access_logger.info(
-            '%s "%s %s" %d pool=%s backend=%s %.1fms',
-            request.client_ip or "-",
-            request.method,
-            self.target,
-            status,
-            self.pool.name,
-            backend.url if backend else "-",
-            latency or 0.0,
-        )
-
-
-def _ms_since(started: float) -> float:
-    return (time.perf_counter() - started) * 1000.0
 
 
 __all__ = ["AsyncEngine", "ClientDisconnected", "RequestBody"]

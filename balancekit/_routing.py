@@ -69,6 +69,12 @@ class RouteTable:
                 return None
             candidate = candidate[:cut]
 
+    def covers_raw(self, raw_path: str) -> bool:
+        """Whether a route covers a raw path that is not valid UTF-8 (a
+        lenient decode is enough to tell): if none does, the app decides
+        what such a path means."""
+        return self.match(unquote(raw_path, errors="surrogateescape")) is not None
+
 
 def remove_dot_segments(path: str) -> str:
     """Resolve ``.`` and ``..`` segments (RFC 3986 section 5.2.4).

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
 from ._balancer import Balancer, ConfigInput, balancer_from
 from ._engine_async import AsyncEngine, _respond
@@ -56,7 +56,9 @@ class BalanceMiddleware:
         try:
             raw_path, path = normalize_path(raw_text)
         except (BadPath, UnicodeDecodeError) as exc:
-            if isinstance(exc, UnicodeDecodeError) and not self._routed(raw_text):
+            if isinstance(exc, UnicodeDecodeError) and not self.balancer.routes.covers_raw(
+                raw_text
+            ):
                 # Not UTF-8, and not ours: the app decides what it means.
                 await self.app(scope, receive, send)
                 return
@@ -83,10 +85,6 @@ class BalanceMiddleware:
         if engine is None or engine.loop is not asyncio.get_running_loop():
             engine = self._engine = self.balancer.engine()
         await engine.handle(route, path, raw_path, scope, receive, send)
-
-    def _routed(self, raw_path: str) -> bool:
-        # A lenient decode is enough to know whether a route covers the path.
-        return self.balancer.routes.match(unquote(raw_path, errors="surrogateescape")) is not None
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The wrapped app still gets every lifespan message; we act on them

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import uvicorn
+from werkzeug.serving import WSGIRequestHandler, make_server
 
 from tests.upstreams import RawServer, make_echo_app
 
@@ -68,26 +69,64 @@ class ServerThread:
             time.sleep(0.01)
         return self
 
+    def request_exit(self) -> None:
+        self.server.should_exit = True
+
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
         self.sock.close()
 
 
-@pytest.fixture
-def serve() -> Iterator[Callable[..., ServerThread]]:
-    """Start any ASGI app on a free port; every one is stopped afterwards."""
-    started: list[ServerThread] = []
+class _QuietHandler(WSGIRequestHandler):
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        pass
 
-    def start(app: Any, **options: Any) -> ServerThread:
-        server = ServerThread(app, **options).start()
+
+class WSGIServerThread:
+    """werkzeug's threaded WSGI server on 127.0.0.1, in a background thread."""
+
+    def __init__(self, app: Any, *, port: int = 0) -> None:
+        self.app = app
+        self.server = make_server(
+            "127.0.0.1", port, app, threaded=True, request_handler=_QuietHandler
+        )
+        self.port = self.server.server_port
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def start(self) -> WSGIServerThread:
+        self.thread.start()
+        return self
+
+    def request_exit(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.thread.join(timeout=10)
+        self.server.server_close()
+        balancer = getattr(self.app, "balancer", None)
+        if balancer is not None:
+            balancer.close()  # its background thread and upstream connections
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., Any]]:
+    """Start any ASGI app (or, with ``wsgi=True``, WSGI app) on a free port;
+    every one is stopped afterwards."""
+    started: list[ServerThread | WSGIServerThread] = []
+
+    def start(app: Any, *, wsgi: bool = False, **options: Any) -> Any:
+        server = WSGIServerThread(app, **options) if wsgi else ServerThread(app, **options)
+        server.start()
         started.append(server)
         return server
 
     yield start
     # Ask every server to exit first, then wait: they shut down side by side.
     for server in started:
-        server.server.should_exit = True
+        server.request_exit()
     for server in reversed(started):
         server.stop()
 
@@ -121,6 +160,16 @@ def closed_port_url() -> str:
 def transport(request: pytest.FixtureRequest) -> str:
     """Every engine test runs over each async transport."""
     return str(request.param)
+
+
+#: The proxy suites run on every engine: ASGI over each async transport,
+#: WSGI (under werkzeug) over each sync one.
+ENGINES = ["aiohttp", "httpx", "wsgi", "wsgi-httpx"]
+
+
+def asgi_only(transport: str, why: str) -> None:
+    if transport.startswith("wsgi"):
+        pytest.skip(f"ASGI only: {why}")
 
 
 def chromium_path() -> str | None:

@@ -8,6 +8,7 @@ from typing import Any
 from balancekit import Balancer
 from balancekit._types import Receive, Scope, Send
 from balancekit.asgi import BalanceMiddleware
+from balancekit.wsgi import BalanceMiddleware as WSGIBalanceMiddleware
 from tests.upstreams import complete_lifespan
 
 
@@ -20,6 +21,12 @@ async def app_fallback(scope: Scope, receive: Receive, send: Send) -> None:
         return
     await send({"type": "http.response.start", "status": 200, "headers": [(b"x-app", b"1")]})
     await send({"type": "http.response.body", "body": b"app"})
+
+
+def wsgi_fallback(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    """app_fallback's WSGI twin."""
+    start_response("200 OK", [("x-app", "1"), ("content-length", "3")])
+    return [b"app"]
 
 
 def pool_config(urls: list[str], **pool: Any) -> dict[str, Any]:
@@ -36,13 +43,21 @@ def balanced(
     pool: dict[str, Any] | None = None,
     **top: Any,
 ) -> tuple[Any, Balancer]:
-    """A balancer serving ``urls`` on ``prefix``, in front of app_fallback."""
+    """A balancer serving ``urls`` on ``prefix``, in front of app_fallback.
+
+    ``transport`` "wsgi" or "wsgi-httpx" puts the WSGI middleware in front of
+    a WSGI app_fallback instead, with the sync engine's default client or httpx.
+    """
+    wsgi = transport.startswith("wsgi")
     config = {
-        "transport": transport,
+        "transport": "httpx" if transport.endswith("httpx") else "aiohttp",
         "pools": {"api": pool_config(urls, **(pool or {}))},
         "routes": [{"prefix": prefix, "pool": "api", "strip_prefix": strip_prefix}],
         **top,
     }
     balancer = Balancer(config)
-    server = serve(BalanceMiddleware(app_fallback, balancer=balancer))
+    if wsgi:
+        server = serve(WSGIBalanceMiddleware(wsgi_fallback, balancer=balancer), wsgi=True)
+    else:
+        server = serve(BalanceMiddleware(app_fallback, balancer=balancer))
     return server, balancer

@@ -2,14 +2,15 @@
 
 An engine calls :meth:`AsyncTransport.send` with a backend, a request line
 and headers, and an async iterable body; it gets an
-:class:`UpstreamResponse` whose body it streams. Each transport maps its
+:class:`UpstreamResponse` whose body it streams. The sync engine does the
+same through :class:`SyncTransport` and :class:`SyncResponse`. Each transport maps its
 library's exceptions to balancekit's at one boundary, so the engine never
 sees an aiohttp or httpx exception.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -54,6 +55,51 @@ class AsyncTransport(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+class SyncResponse(Protocol):
+    status: int
+    headers: RawHeaders
+
+    def read(self) -> bytes:
+        """The next part of the body as it arrives, ``b""`` at its end."""
+        ...
+
+    def close(self) -> None:
+        """Give the connection back (or drop it, if the body was not read whole)."""
+        ...
+
+
+class SyncTransport(Protocol):
+    name: str
+
+    def send(
+        self,
+        backend: Backend,
+        method: str,
+        target: str,
+        headers: RawHeaders,
+        body: Iterable[bytes] | None,
+        timeouts: TimeoutsConfig,
+        *,
+        pool: str,
+    ) -> SyncResponse:
+        """As :meth:`AsyncTransport.send`, blocking; safe to call from any thread."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def make_sync_transport(name: str) -> SyncTransport:
+    """The sync engine's client: httpx when the config asks for it, else urllib3
+    (measured faster as a proxy's client: bench/sync_client_bench.py)."""
+    if name == "httpx":
+        from .httpx import HttpxSyncTransport
+
+        return HttpxSyncTransport()
+    from .urllib3 import Urllib3Transport
+
+    return Urllib3Transport()
 
 
 def make_async_transport(name: str) -> AsyncTransport:

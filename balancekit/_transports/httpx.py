@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -80,21 +80,42 @@ def _h11_connection(response: httpx.Response) -> Any:
     return stream if hasattr(stream, "_h11_state") else None
 
 
-class HttpxTransport:
-    name = "httpx"
+class HttpxSyncResponse:
+    __slots__ = ("_chunks", "_pool", "_response", "headers", "status")
+
+    def __init__(self, response: httpx.Response, pool: str) -> None:
+        self._response = response
+        self._pool = pool
+        self._chunks = response.iter_raw()
+        self.status = response.status_code
+        self.headers: RawHeaders = list(response.headers.raw)
+
+    def read(self) -> bytes:
+        try:
+            return next(self._chunks, b"")
+        except HTTPX_ERRORS as exc:
+            raise translate_error(exc, self._pool) from exc
+
+    def close(self) -> None:
+        connection = _h11_connection(self._response)
+        if connection is not None and connection._h11_state.trailing_data[0]:
+            connection.close()  # as HttpxResponse.aclose
+        self._response.close()
+
+
+#: The client both httpx transports use: no pool limit, no environment, no redirects.
+_CLIENT_OPTIONS: dict[str, Any] = {
+    "limits": httpx.Limits(max_connections=None, max_keepalive_connections=100),
+    "follow_redirects": False,
+    "trust_env": False,
+}
+
+
+class _Timeouts:
+    """httpx's timeout extension per pool config, made once per config."""
 
     def __init__(self) -> None:
-        self._client: httpx.AsyncClient | None = None
         self._timeouts: dict[int, tuple[TimeoutsConfig, dict[str, float | None]]] = {}
-
-    def client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = httpx.AsyncClient(
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=100),
-                follow_redirects=False,
-                trust_env=False,
-            )
-        return self._client
 
     def _timeout(self, timeouts: TimeoutsConfig) -> dict[str, float | None]:
         found = self._timeouts.get(id(timeouts))
@@ -104,6 +125,68 @@ class HttpxTransport:
             ).as_dict()
             found = self._timeouts[id(timeouts)] = (timeouts, timeout)
         return found[1]
+
+    def _request(
+        self,
+        backend: Backend,
+        method: str,
+        target: str,
+        headers: RawHeaders,
+        body: Any,
+        timeouts: TimeoutsConfig,
+    ) -> httpx.Request:
+        # A bare Request carries none of the client's default headers.
+        return httpx.Request(
+            method,
+            backend.origin + backend.base_path + target,
+            headers=headers,
+            content=body,
+            extensions={"timeout": self._timeout(timeouts)},
+        )
+
+
+class HttpxSyncTransport(_Timeouts):
+    """``httpx.Client`` for the sync engine; one per process (see the engine)."""
+
+    name = "httpx"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.client = httpx.Client(**_CLIENT_OPTIONS)
+
+    def send(
+        self,
+        backend: Backend,
+        method: str,
+        target: str,
+        headers: RawHeaders,
+        body: Iterable[bytes] | None,
+        timeouts: TimeoutsConfig,
+        *,
+        pool: str,
+    ) -> HttpxSyncResponse:
+        request = self._request(backend, method, target, headers, body, timeouts)
+        try:
+            response = self.client.send(request, stream=True)
+        except HTTPX_ERRORS as exc:
+            raise translate_error(exc, pool) from exc
+        return HttpxSyncResponse(response, pool)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class HttpxTransport(_Timeouts):
+    name = "httpx"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._client: httpx.AsyncClient | None = None
+
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(**_CLIENT_OPTIONS)
+        return self._client
 
     async def send(
         self,
@@ -116,14 +199,7 @@ class HttpxTransport:
         *,
         pool: str,
     ) -> HttpxResponse:
-        # A bare Request carries none of the client's default headers.
-        request = httpx.Request(
-            method,
-            backend.origin + backend.base_path + target,
-            headers=headers,
-            content=body,
-            extensions={"timeout": self._timeout(timeouts)},
-        )
+        request = self._request(backend, method, target, headers, body, timeouts)
         try:
             response = await self.client().send(request, stream=True)
         except HTTPX_ERRORS as exc:

@@ -44,30 +44,37 @@ class StatusEndpoint:
         supplied = parse_qs(query).get("token", [""])[0].encode()
         return hmac.compare_digest(supplied, self.token)
 
-    async def handle(
-        self, path: str, client_ip: str, headers: RawHeaders, query: str, send: Send
-    ) -> None:
+    def respond(
+        self, path: str, client_ip: str, headers: RawHeaders, query: str
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """Status, headers and body for a request under the status path."""
         if not self.allowed(client_ip, headers, query):
-            await _send(send, 403, b"text/plain; charset=utf-8", b"forbidden\n")
-            return
+            return _answer(403, b"text/plain; charset=utf-8", b"forbidden\n")
         rest = path[len(self.path) :] if path.startswith(self.path) else ""
         if rest == "status.json":
             body = json.dumps(self.balancer.status()).encode()
-            await _send(send, 200, b"application/json", body)
-        elif rest == "":
-            await _send(send, 200, b"text/html; charset=utf-8", render_page(self.balancer))
-        else:
-            await _send(send, 404, b"text/plain; charset=utf-8", b"not found\n")
+            return _answer(200, b"application/json", body)
+        if rest == "":
+            return _answer(200, b"text/html; charset=utf-8", render_page(self.balancer))
+        return _answer(404, b"text/plain; charset=utf-8", b"not found\n")
+
+    async def handle(
+        self, path: str, client_ip: str, headers: RawHeaders, query: str, send: Send
+    ) -> None:
+        status, response_headers, body = self.respond(path, client_ip, headers, query)
+        await send({"type": "http.response.start", "status": status, "headers": response_headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-async def _send(send: Send, status: int, content_type: bytes, body: bytes) -> None:
+def _answer(
+    status: int, content_type: bytes, body: bytes
+) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     headers = [
         (b"content-type", content_type),
         (b"content-length", str(len(body)).encode()),
         (b"cache-control", b"no-store"),
     ]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    return status, headers, body
 
 
 def render_page(balancer: Balancer) -> bytes:

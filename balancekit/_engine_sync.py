@@ -1,0 +1,333 @@
+"""The sync proxy engine: one routed WSGI request in, one upstream exchange out.
+
+The twin of the async engine over the same decision core
+(:mod:`balancekit._exchange`): the request body is read from
+``wsgi.input`` a chunk at a time as the upstream takes it, and the
+response is a WSGI iterable that hands on each upstream chunk as it
+arrives. The server's thread blocks on the upstream; nothing else does.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any
+
+from ._exceptions import NoEligibleBackend, ProxyError, UpstreamProtocolError
+from ._exchange import (
+    Attempts,
+    inspect_request,
+    log_access,
+    refusal_status,
+    valid_status,
+    with_host,
+)
+from ._forwarding import downstream_response_headers, upstream_request_headers
+from ._problem import bad_request, problem_response
+from ._request import RequestInfo
+from ._transports import make_sync_transport
+
+if TYPE_CHECKING:
+    from ._backend import Backend
+    from ._balancer import Balancer
+    from ._pool import Pool
+    from ._routing import Route
+    from ._transports import SyncResponse
+    from ._types import RawHeaders
+
+logger = logging.getLogger("balancekit")
+
+Environ = dict[str, Any]
+StartResponse = Callable[..., Any]
+WSGIResponse = Iterator[bytes] | list[bytes]
+
+#: Bytes read from ``wsgi.input`` at once.
+BODY_CHUNK = 64 * 1024
+
+_STATUS_LINES = {int(s): f"{int(s)} {s.phrase}" for s in HTTPStatus}
+
+#: ``HTTP_X_FORWARDED_FOR`` -> ``b"x-forwarded-for"``, worked out once per name.
+_HEADER_NAMES: dict[str, bytes] = {}
+_CONTENT_HEADERS = (("CONTENT_TYPE", b"content-type"), ("CONTENT_LENGTH", b"content-length"))
+
+
+def status_line(status: int) -> str:
+    return _STATUS_LINES.get(status) or f"{status} Unknown"
+
+
+def environ_headers(environ: Environ) -> RawHeaders:
+    """The request's headers as raw pairs, in the order the server gave them."""
+    headers: RawHeaders = []
+    names = _HEADER_NAMES
+    for key, value in environ.items():
+        if key[:5] == "HTTP_":
+            name = names.get(key)
+            if name is None:
+                name = key[5:].lower().replace("_", "-").encode("latin-1")
+                if len(names) < 1024:
+                    names[key] = name
+            headers.append((name, value.encode("latin-1")))
+    for key, name in _CONTENT_HEADERS:
+        value = environ.get(key)
+        if value:
+            headers.append((name, value.encode("latin-1")))
+    return headers
+
+
+def text_headers(headers: RawHeaders) -> list[tuple[str, str]]:
+    return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers]
+
+
+class ClientDisconnected(Exception):
+    """The client went away (or sent less than it announced) during its body."""
+
+
+class RequestBody:
+    """The client's body, read from ``wsgi.input`` as the upstream takes it.
+
+    ``length`` is the Content-Length, or None for a chunked body that the
+    server ends for us (``wsgi.input_terminated``). ``started`` tells
+    whether any of it was consumed: an unread body can still go to another
+    backend on a retry.
+    """
+
+    __slots__ = ("_input", "length", "started")
+
+    def __init__(self, stream: Any, length: int | None) -> None:
+        self._input = stream
+        self.length = length
+        self.started = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        self.started = True
+        read = self._input.read
+        left = self.length
+        while left is None or left > 0:
+            try:
+                chunk = read(BODY_CHUNK if left is None else min(BODY_CHUNK, left))
+            except Exception as exc:  # each server has its own "client went away"
+                raise ClientDisconnected(str(exc)) from exc
+            if not chunk:
+                if left is not None:
+                    raise ClientDisconnected(f"request body ended {left} bytes short")
+                return
+            if left is not None:
+                left -= len(chunk)
+            yield chunk
+
+
+class SyncEngine:
+    """Proxies routed WSGI requests of one process through one transport.
+
+    Safe to call from every thread of a threaded server; the balancer makes
+    a new one in a forked child (a connection pool must not cross a fork).
+    """
+
+    def __init__(self, balancer: Balancer) -> None:
+        self.balancer = balancer
+        self.transport = make_sync_transport(balancer.config.transport)
+        self.access_log = balancer.config.access_log
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def handle(
+        self,
+        route: Route,
+        path: str,
+        raw_path: str,
+        environ: Environ,
+        start_response: StartResponse,
+    ) -> WSGIResponse:
+        """Proxy one request matched by ``route``; ``raw_path`` is normalised."""
+        pool = self.balancer.pools[route.pool]
+        headers = environ_headers(environ)
+        has_body, problem = inspect_request(headers)
+        if problem is not None:
+            return respond(
+                start_response, *bad_request(f"refused: {problem}", status=refusal_status(problem))
+            )
+        body = None
+        if has_body:
+            length = environ.get("CONTENT_LENGTH")
+            if length:
+                body = RequestBody(environ["wsgi.input"], int(length))
+            elif environ.get("wsgi.input_terminated"):
+                body = RequestBody(environ["wsgi.input"], None)
+            else:
+                # A chunked body this server cannot end for us: as NGINX
+                # without chunked support, ask for a length.
+                return respond(
+                    start_response,
+                    *bad_request("a request body needs Content-Length here", status=411),
+                )
+        query = environ.get("QUERY_STRING", "")
+        request = RequestInfo(
+            environ.get("REQUEST_METHOD", "GET"),
+            path,
+            query=query,
+            headers=headers,
+            client_ip=environ.get("REMOTE_ADDR", ""),
+            scheme=environ.get("wsgi.url_scheme", "http"),
+        )
+        target = route.upstream_path(raw_path) + (f"?{query}" if query else "")
+        try:
+            return self._exchange(pool, request, target, body, start_response)
+        except ClientDisconnected:
+            return respond(start_response, 400, [(b"connection", b"close")], b"")
+        except Exception:  # the request boundary: a bug here must not kill the worker
+            logger.exception("pool %s: unexpected error while proxying", pool.name)
+            error = ProxyError("the balancer failed to proxy the request", pool=pool.name)
+            return respond(start_response, *problem_response(error))
+
+    def _exchange(
+        self,
+        pool: Pool,
+        request: RequestInfo,
+        target: str,
+        body: RequestBody | None,
+        start_response: StartResponse,
+    ) -> WSGIResponse:
+        balancer = self.balancer
+        headers = upstream_request_headers(
+            request.raw_headers,
+            client_ip=request.client_ip or "unknown",
+            scheme=request.scheme,
+            trusted=request.client_ip in balancer.trusted_proxies,
+            host=None if pool.config.preserve_host else b"",
+        )
+        preserve_host = pool.config.preserve_host
+        attempts = Attempts(pool, request)
+        relay = None
+        try:
+            while True:
+                try:
+                    backend = attempts.next()
+                except NoEligibleBackend as exc:
+                    return self._problem(exc, request, target, pool, start_response)
+                try:
+                    response = self.transport.send(
+                        backend,
+                        request.method,
+                        target,
+                        with_host(headers, backend, preserve_host),
+                        body,
+                        pool.timeouts,
+                        pool=pool.name,
+                    )
+                except ProxyError as exc:
+                    if _caused_by_client(exc):
+                        attempts.release(ok=True, timed=False)  # says nothing of the backend
+                        raise ClientDisconnected from exc
+                    attempts.release(ok=False)
+                    if attempts.retry(exc, body_replayable=body is None or not body.started):
+                        continue
+                    return self._problem(exc, request, target, pool, start_response)
+                if not valid_status(response.status):
+                    response.close()
+                    attempts.release(ok=False)
+                    error = UpstreamProtocolError(
+                        "upstream sent a malformed response", pool=pool.name
+                    )
+                    return self._problem(error, request, target, pool, start_response)
+                relay = Relay(self, attempts, backend, response, request, target)
+                try:
+                    start_response(
+                        status_line(response.status),
+                        text_headers(downstream_response_headers(response.headers)),
+                    )
+                except BaseException:
+                    relay.close()
+                    raise
+                return relay
+        finally:
+            if relay is None:  # else the relay settles them when the server is done
+                attempts.close()
+
+    def _problem(
+        self,
+        error: ProxyError,
+        request: RequestInfo,
+        target: str,
+        pool: Pool,
+        start_response: StartResponse,
+    ) -> list[bytes]:
+        logger.warning("pool %s: %s", pool.name, error.detail)
+        if self.access_log:
+            log_access(request, target, pool.name, error.status_code, None, None)
+        return respond(start_response, *problem_response(error))
+
+
+def _caused_by_client(exc: BaseException) -> bool:
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None:
+        if isinstance(cause, ClientDisconnected):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+def respond(
+    start_response: StartResponse, status: int, headers: RawHeaders, body: bytes
+) -> list[bytes]:
+    start_response(status_line(status), text_headers(headers))
+    return [body]
+
+
+class Relay:
+    """The WSGI response iterable: upstream chunks, handed on as they arrive.
+
+    The counters are settled when the upstream body ends, before the server
+    writes the last chunk, so status never lags what a client saw. A server
+    that stops early (the client left) calls ``close()``, which settles
+    them without blaming the backend and drops the upstream connection.
+    """
+
+    __slots__ = ("_attempts", "_backend", "_engine", "_read", "_request", "_response", "_target")
+
+    def __init__(
+        self,
+        engine: SyncEngine,
+        attempts: Attempts,
+        backend: Backend,
+        response: SyncResponse,
+        request: RequestInfo,
+        target: str,
+    ) -> None:
+        self._engine = engine
+        self._attempts = attempts
+        self._backend = backend
+        self._response = response
+        self._read = response.read
+        self._request = request
+        self._target = target
+
+    def __iter__(self) -> Relay:
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            chunk = self._read()
+        except ProxyError:
+            # Response bytes may have reached the client: too late for a 502.
+            # Raising makes the server drop the connection, so the client
+            # sees a truncated response rather than a complete-looking one.
+            pool = self._attempts.pool.name
+            logger.warning("pool %s: upstream failed mid-response", pool)
+            self._attempts.close(ok=False)
+            raise
+        if chunk:
+            return chunk
+        status = self._response.status
+        latency = self._attempts.answered(status)
+        if self._engine.access_log:
+            pool = self._attempts.pool.name
+            log_access(self._request, self._target, pool, status, self._backend, latency)
+        raise StopIteration
+
+    def close(self) -> None:
+        # Called by the server when it is done, early or not: a backend still
+        # held here was left by the client, which says nothing of it.
+        self._attempts.close(ok=True)
+        self._response.close()
