@@ -406,6 +406,22 @@ def load_config(
     return config
 
 
+def with_default_secret(
+    source: Mapping[str, Any] | str | os.PathLike[str] | BalancerConfig, secret: str | None
+) -> Mapping[str, Any] | BalancerConfig:
+    """``source`` with ``secret`` filled in when it sets none (the frameworks'
+    SECRET_KEY); a TOML path is read here, so its errors still name the file."""
+    if isinstance(source, str | os.PathLike):
+        source = _read_toml(Path(source))
+    if not secret:
+        return source
+    if isinstance(source, BalancerConfig):
+        return source if source.secret is not None else source.model_copy(update={"secret": secret})
+    if source.get("secret") is not None:
+        return source
+    return {**source, "secret": secret}
+
+
 def validate_backend(url: str, weight: int = 1, *, backup: bool = False) -> BackendConfig:
     """Check a backend added at run time as the config would; ConfigError if bad."""
     try:

@@ -28,6 +28,39 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(lines)
 
 
+def status_table(balancer: Balancer) -> str:
+    """Every pool's backends with their live state, as ``balancekit`` commands print them."""
+    rows = []
+    for name, pool in balancer.status()["pools"].items():
+        for b in pool["backends"]:
+            latency = "-" if b["latency_ewma_ms"] is None else f"{b['latency_ewma_ms']:.1f}"
+            rows.append(
+                (
+                    name,
+                    pool["algorithm"],
+                    b["url"],
+                    b["state"],
+                    b["weight"],
+                    b["active_requests"],
+                    b["requests_total"],
+                    b["failures_total"],
+                    latency,
+                )
+            )
+    headers = (
+        "pool",
+        "algorithm",
+        "backend",
+        "state",
+        "weight",
+        "in flight",
+        "requests",
+        "failures",
+        "latency ms",
+    )
+    return table(headers, rows)
+
+
 def _load(config: Any) -> Balancer:
     try:
         return Balancer(config)

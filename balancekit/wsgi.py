@@ -46,8 +46,8 @@ class BalanceMiddleware:
     The configuration is checked here, when the app is built, so a mistake
     is a :class:`~balancekit.ConfigError` at start-up, never on a request.
     Health checks run in a daemon thread of each worker process, started by
-    its first routed request (so after a pre-fork server has forked) and
-    stopped at exit.
+    its first request (so after a pre-fork server has forked) and stopped at
+    exit.
     """
 
     def __init__(
@@ -63,6 +63,9 @@ class BalanceMiddleware:
         self.status = StatusEndpoint(self.balancer) if status.enabled else None
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        # This process's first request starts its health checks: after a
+        # pre-fork server forked, so that every worker runs its own.
+        self.balancer.start_background()
         raw_text = request_path(environ)
         try:
             raw_path, path = normalize_path(raw_text)
@@ -83,6 +86,4 @@ class BalanceMiddleware:
         route = self.balancer.routes.match(path)
         if route is None:
             return self.app(environ, start_response)  # type: ignore[no-any-return]
-        balancer = self.balancer
-        balancer.start_background()
-        return balancer.sync_engine().handle(route, path, raw_path, environ, start_response)
+        return self.balancer.sync_engine().handle(route, path, raw_path, environ, start_response)
