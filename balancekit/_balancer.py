@@ -25,6 +25,7 @@ from ._forwarding import TrustedProxies
 from ._plugins import PluginManager, make_plugin_manager
 from ._pool import Pool
 from ._routing import Route, RouteTable
+from .stores import GuardedStore, MemoryStore
 
 if TYPE_CHECKING:
     from ._background import BackgroundLoop
@@ -70,13 +71,15 @@ class Balancer:
             Route(r.prefix, r.pool, r.strip_prefix) for r in self.config.routes
         )
         problems: list[Problem] = []
+        store = self._build_store(problems)
+        #: The configured store behind its guard: an outage never fails a request.
+        self.store = GuardedStore(store if store is not None else MemoryStore(), clock=clock)
         self.pools: dict[str, Pool] = {}
         self._health: dict[str, tuple[type[Any], dict[str, Any]]] = {}
         for name, pool_config in self.config.pools.items():
             pool = self._build_pool(name, pool_config, problems)
             if pool is not None:
                 self.pools[name] = pool
-        self.store = self._build_store(problems)
         if problems:
             raise ConfigError(problems)
         # Per event loop, and forgotten with the loop: aiohttp sessions and
@@ -104,14 +107,21 @@ class Balancer:
         return None
 
     def _construct(
-        self, cls: type[Any], options: dict[str, Any], path: str, problems: list[Problem]
+        self,
+        cls: type[Any],
+        options: dict[str, Any],
+        path: str,
+        problems: list[Problem],
+        **seams: Any,
     ) -> Any:
         found = plugin_options(path, cls, options)
         if found:
             problems.extend(found)
             return None
-        if "clock" in inspect.signature(cls).parameters:
-            options = {**options, "clock": self.clock}  # the one time seam
+        # What the balancer lends a plugin that asks for it by name: the one
+        # time seam, and to persistence types their pool, secrets and store.
+        parameters = inspect.signature(cls).parameters
+        options = {**options, **{k: v for k, v in seams.items() if k in parameters}}
         try:
             return cls(**options)
         except (TypeError, ValueError) as exc:
@@ -130,7 +140,7 @@ class Balancer:
         algorithm: SupportsPick | None = None
         if cls is not None:
             algorithm = self._construct(
-                cls, config.algorithm.options, f"{where}.algorithm", problems
+                cls, config.algorithm.options, f"{where}.algorithm", problems, clock=self.clock
             )
         check = config.health_check
         if check.type != "none":
@@ -139,17 +149,32 @@ class Balancer:
             )
             if check_cls is not None:
                 options = check.options
-                instance = self._construct(check_cls, options, f"{where}.health_check", problems)
+                instance = self._construct(
+                    check_cls, options, f"{where}.health_check", problems, clock=self.clock
+                )
                 if instance is not None:
                     self._health[name] = (check_cls, options)
+        persistence = None
         if config.persistence is not None:
-            self._plugin(
+            persistence_cls = self._plugin(
                 "persistence", config.persistence.type, f"{where}.persistence.type", problems
             )
+            if persistence_cls is not None:
+                persistence = self._construct(
+                    persistence_cls,
+                    config.persistence.options,
+                    f"{where}.persistence",
+                    problems,
+                    clock=self.clock,
+                    pool=name,
+                    secrets=self.config.secrets,
+                    store=self.store,
+                )
         if algorithm is None:
             return None
         pool = Pool(name, config, algorithm, on_state_change=self._state_changed, clock=self.clock)
         pool.active_checks = name in self._health
+        pool.persistence = persistence
         return pool
 
     def _build_store(self, problems: list[Problem]) -> Any:
@@ -220,6 +245,7 @@ class Balancer:
             background.stop()
         if engine is not None:
             engine.close()
+        self.store.close()
 
     async def astart(self) -> None:
         """Start the active health checks in the running loop, unless they
@@ -253,6 +279,7 @@ class Balancer:
             await scheduler.stop()
         if engine is not None:
             await engine.aclose()
+        await self.store.aclose()  # this loop's connections to it
 
     def _state_changed(
         self, pool: Pool, backend: Backend, old: BackendState, new: BackendState

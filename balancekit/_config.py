@@ -442,6 +442,10 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot be read: {exc.strerror}") from None
 
 
+#: Constructor arguments the balancer fills in itself, never config keys.
+SEAMS = frozenset({"rng", "clock", "pool", "secrets", "store"})
+
+
 def plugin_options(path: str, cls: type, options: Mapping[str, Any]) -> list[Problem]:
     """Check a plugin table's keys against its class's keyword arguments.
 
@@ -460,7 +464,7 @@ def plugin_options(path: str, cls: type, options: Mapping[str, Any]) -> list[Pro
         n
         for n, p in params.items()
         if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        and n not in ("rng", "clock")
+        and n not in SEAMS
     ]
     problems = [
         Problem(f"{path}.{key}", f"unknown key{did_you_mean(key, accepted)}")
@@ -473,6 +477,7 @@ def plugin_options(path: str, cls: type, options: Mapping[str, Any]) -> list[Pro
         if p.default is inspect.Parameter.empty
         and p.kind is inspect.Parameter.KEYWORD_ONLY
         and n not in options
+        and n not in SEAMS
     ]
     problems += [Problem(f"{path}.{n}", "is required") for n in required]
     return problems

@@ -264,7 +264,9 @@ class _Exchange:
         preserve_host = pool.config.preserve_host
         transport = self.engine.transport
         body = self.body
-        attempts = Attempts(pool, self.request)
+        persistence = pool.persistence
+        pinned = None if persistence is None else await persistence.afind(self.request, pool)
+        attempts = Attempts(pool, self.request, pinned)
         try:
             while True:
                 try:
@@ -320,14 +322,12 @@ class _Exchange:
         before the client sees the end, so status never lags what it saw."""
         try:
             status = response.status
+            headers = downstream_response_headers(response.headers)
+            persistence = self.pool.persistence
+            if persistence is not None and backend is not attempts.pinned:
+                headers += await persistence.aremember(self.request, backend, self.pool)
             self.response_started = True  # from here on, never a second start
-            await self.send(
-                {
-                    "type": "http.response.start",
-                    "status": status,
-                    "headers": downstream_response_headers(response.headers),
-                }
-            )
+            await self.send({"type": "http.response.start", "status": status, "headers": headers})
             send = self.send
             read = response.read
             while chunk := await read():

@@ -198,7 +198,9 @@ class SyncEngine:
             host=None if pool.config.preserve_host else b"",
         )
         preserve_host = pool.config.preserve_host
-        attempts = Attempts(pool, request)
+        persistence = pool.persistence
+        pinned = None if persistence is None else persistence.find(request, pool)
+        attempts = Attempts(pool, request, pinned)
         relay = None
         try:
             while True:
@@ -233,10 +235,10 @@ class SyncEngine:
                     return self._problem(error, request, target, pool, start_response)
                 relay = Relay(self, attempts, backend, response, request, target)
                 try:
-                    start_response(
-                        status_line(response.status),
-                        text_headers(downstream_response_headers(response.headers)),
-                    )
+                    response_headers = downstream_response_headers(response.headers)
+                    if persistence is not None and backend is not pinned:
+                        response_headers += persistence.remember(request, backend, pool)
+                    start_response(status_line(response.status), text_headers(response_headers))
                 except BaseException:
                     relay.close()
                     raise

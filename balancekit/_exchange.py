@@ -83,18 +83,30 @@ def valid_status(status: int) -> bool:
 class Attempts:
     """The tries of one request on one pool.
 
-    ``next()`` picks a backend (raising ``NoEligibleBackend``) and starts
+    ``next()`` picks a backend (the pinned one first, when it is fit;
+    raising ``NoEligibleBackend``) and starts
     the clock; ``release()`` gives it back with the outcome; ``retry()``
     says whether a failed try may be repeated on another backend, taking
     a place in the pool's retry budget if so. ``close()`` settles whatever
     is still held, on every way out, so no counter is ever left behind.
     """
 
-    __slots__ = ("attempt", "backend", "exclude", "in_budget", "pool", "request", "started")
+    __slots__ = (
+        "attempt",
+        "backend",
+        "exclude",
+        "in_budget",
+        "pinned",
+        "pool",
+        "request",
+        "started",
+    )
 
-    def __init__(self, pool: Pool, request: RequestInfo) -> None:
+    def __init__(self, pool: Pool, request: RequestInfo, pinned: Backend | None = None) -> None:
         self.pool = pool
         self.request = request
+        #: The backend the request's session is pinned to (persistence), if any.
+        self.pinned = pinned
         self.attempt = 0
         self.backend: Backend | None = None
         self.exclude: Backend | None = None
@@ -103,7 +115,12 @@ class Attempts:
 
     def next(self) -> Backend:
         self.attempt += 1
-        backend = self.backend = self.pool.acquire(self.request, exclude=self.exclude)
+        # The pin holds for the first try; a retry goes elsewhere, and the
+        # response then moves the pin.
+        prefer = self.pinned if self.attempt == 1 else None
+        backend = self.backend = self.pool.acquire(
+            self.request, exclude=self.exclude, prefer=prefer
+        )
         self.started = time.perf_counter()
         return backend
 

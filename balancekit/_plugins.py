@@ -18,6 +18,7 @@ logger = logging.getLogger("balancekit")
 DEFAULT_PLUGINS = (
     "balancekit.algorithms",
     "balancekit.health",
+    "balancekit.persistence",
     "balancekit.stores",
 )
 

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from ._config import PoolConfig
     from ._request import RequestInfo
     from ._types import SupportsPick
+    from .persistence import Persistence
 
 logger = logging.getLogger("balancekit")
 
@@ -70,6 +71,11 @@ class Pool:
         self.active_checks = False
         self._clock = clock
         self._on_state_change = on_state_change
+        #: Counts additions and removals: derived tables (a persistence
+        #: type's token map) are rebuilt when it moves.
+        self.membership = 0
+        #: The pool's session persistence, or None (set by the Balancer).
+        self.persistence: Persistence | None = None
         self._lock = threading.RLock()
         self.backends: list[Backend] = []
         self._by_url: dict[str, Backend] = {}
@@ -109,15 +115,26 @@ class Pool:
 
     # --- the request path ---------------------------------------------------
 
-    def acquire(self, request: RequestInfo, *, exclude: Backend | None = None) -> Backend:
+    def acquire(
+        self,
+        request: RequestInfo,
+        *,
+        exclude: Backend | None = None,
+        prefer: Backend | None = None,
+    ) -> Backend:
         """Pick a backend for ``request`` and count the request as in flight.
 
         ``exclude`` is a backend that just failed this request; it is skipped
-        when another is eligible. Raises :class:`NoEligibleBackend`.
+        when another is eligible. ``prefer`` is the backend a session is
+        pinned to: taken while it is eligible or only draining (and below
+        ``max_connections``), else the pick goes on as if there were no pin.
+        Raises :class:`NoEligibleBackend`.
         """
         if self._next_timer != _NEVER and self._next_timer <= self._clock():
             self._timers()
         with self._lock:
+            if prefer is not None and self._pinnable(prefer):
+                return self._take(prefer)
             candidates = self._primary or self._backup
             if self._saturated:
                 limit = self.max_connections
@@ -131,15 +148,28 @@ class Pool:
                 raise NoEligibleBackend(
                     f"no eligible backend in pool {self.name!r}", pool=self.name
                 )
-            backend = self._algorithm.pick(candidates, request)
-            backend.active_requests += 1
-            backend.requests_total += 1
-            self.active_requests += 1
-            if backend.active_requests == self.max_connections:
-                self._saturated += 1
-            if self._acquired is not None:
-                self._acquired(backend)
-            return backend
+            return self._take(self._algorithm.pick(candidates, request))
+
+    def _pinnable(self, backend: Backend) -> bool:
+        # Under the lock. Draining keeps its sessions; nothing else unfit does.
+        return (
+            (backend in self._eligible or (backend.draining and backend.enabled))
+            and backend.healthy
+            and not backend.ejected_until
+            and not backend.removed
+            and backend.active_requests < self.max_connections
+        )
+
+    def _take(self, backend: Backend) -> Backend:
+        # Under the lock: count a request on ``backend``.
+        backend.active_requests += 1
+        backend.requests_total += 1
+        self.active_requests += 1
+        if backend.active_requests == self.max_connections:
+            self._saturated += 1
+        if self._acquired is not None:
+            self._acquired(backend)
+        return backend
 
     def release(self, backend: Backend, *, ok: bool, latency_ms: float | None) -> None:
         """Finish a request on ``backend``: counters, latency, outlier detection.
@@ -204,6 +234,7 @@ class Pool:
             self.backends.remove(backend)
             del self._by_url[url]
             backend.removed = True
+            self.membership += 1
             self._rebuild()
         logger.info("pool %s: backend %s removed", self.name, url)
 
@@ -224,6 +255,11 @@ class Pool:
         if backend.healthy != healthy:
             self._update(backend.url, healthy=healthy)
 
+    def find(self, url: str) -> Backend | None:
+        """The backend with ``url``, or None (no error: for lookups on a
+        request's path)."""
+        return self._by_url.get(url)
+
     def backend(self, url: str) -> Backend:
         try:
             return self._by_url[url]
@@ -243,6 +279,7 @@ class Pool:
     # --- internals --------------------------------------------------------------
 
     def _add(self, backend: Backend) -> Backend:
+        self.membership += 1
         self.backends.append(backend)
         self._by_url[backend.url] = backend
         return backend

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -195,3 +196,25 @@ def test_status_page_is_served_by_the_wsgi_middleware(serve, upstreams) -> None:
     page = httpx.get(f"{server.url}/balancekit/")
     assert page.headers["content-type"].startswith("text/html")
     assert json.loads(httpx.get(f"{server.url}/api/x").text)["backend"] == "a"
+
+
+def balancekit_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "balancekit"]
+
+
+def test_no_thread_until_the_first_request_and_none_after_close(serve, upstreams) -> None:
+    config = config_for([upstreams[0].url])
+    config["pools"]["api"]["health_check"] = {"type": "http", "path": "/", "interval": 0.2}
+    before = len(balancekit_threads())
+    app = flask_app(BALANCEKIT=config)
+    kit = BalanceKit(app)
+    assert len(balancekit_threads()) == before, "a thread was started before any request"
+    server = serve(app, wsgi=True)
+    assert httpx.get(f"{server.url}/").text == "flask home"  # any request starts the checks
+    assert len(balancekit_threads()) == before + 1
+    deadline = time.monotonic() + 5
+    while len(upstreams[0].app.seen) < 2:  # the checks really run
+        assert time.monotonic() < deadline, upstreams[0].app.seen
+        time.sleep(0.05)
+    kit.balancer.close()
+    assert len(balancekit_threads()) == before

@@ -71,7 +71,8 @@ def test_builtins_are_registered_through_the_hooks() -> None:
         "first",
     }
     assert set(manager.classes("health check")) == {"http", "tcp", "none"}
-    assert set(manager.classes("store")) == {"memory"}
+    assert set(manager.classes("store")) == {"memory", "redis", "rediss"}
+    assert set(manager.classes("persistence")) == {"cookie", "session"}
     assert {dist for _, dist in manager.classes("algorithm").values()} == {"balancekit"}
 
 
