@@ -25,10 +25,11 @@ from ._forwarding import TrustedProxies
 from ._plugins import PluginManager, make_plugin_manager
 from ._pool import Pool
 from ._routing import Route, RouteTable
-from .stores import GuardedStore, MemoryStore
+from .stores import GuardedStore, MemoryStore, RedisStore
 
 if TYPE_CHECKING:
     from ._background import BackgroundLoop
+    from ._coordination import Coordinator
     from ._engine_async import AsyncEngine
     from ._engine_sync import SyncEngine
     from ._types import SupportsPick
@@ -82,6 +83,12 @@ class Balancer:
                 self.pools[name] = pool
         if problems:
             raise ConfigError(problems)
+        #: With a shared store, what keeps this process in step with the others.
+        self.coordinator: Coordinator | None = None
+        if isinstance(store, RedisStore):
+            from ._coordination import Coordinator
+
+            self.coordinator = Coordinator(self, store)
         # Per event loop, and forgotten with the loop: aiohttp sessions and
         # health-check tasks belong to the loop that made them.
         self._engines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncEngine] = (
@@ -257,6 +264,8 @@ class Balancer:
             if any(not other.is_closed() for other in self._schedulers):
                 return  # one set of checks per process: every loop shares the pools
             schedulers = self._schedulers[loop] = []
+        if self.coordinator is not None:
+            await self.coordinator.start()
         for name, (cls, options) in self._health.items():
             check = self.config.pools[name].health_check
             scheduler = HealthScheduler(
@@ -265,6 +274,7 @@ class Balancer:
                 interval=check.interval,
                 rise=check.rise,
                 fall=check.fall,
+                coordinator=self.coordinator,
             )
             scheduler.start()
             schedulers.append(scheduler)
@@ -273,10 +283,13 @@ class Balancer:
         """Stop this loop's health checks and close its upstream connections."""
         loop = asyncio.get_running_loop()
         with self._lock:
-            schedulers = self._schedulers.pop(loop, [])
+            schedulers = self._schedulers.pop(loop, None)
             engine = self._engines.pop(loop, None)
-        for scheduler in schedulers:
-            await scheduler.stop()
+        if schedulers is not None:  # the background work ran in this loop
+            for scheduler in schedulers:
+                await scheduler.stop()
+            if self.coordinator is not None:
+                await self.coordinator.stop()
         if engine is not None:
             await engine.aclose()
         await self.store.aclose()  # this loop's connections to it

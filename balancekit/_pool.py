@@ -76,6 +76,10 @@ class Pool:
         self.membership = 0
         #: The pool's session persistence, or None (set by the Balancer).
         self.persistence: Persistence | None = None
+        #: Told of every runtime change made through this pool's methods,
+        #: and of ejections, so that other processes can follow (set by the
+        #: Balancer when its store is shared).
+        self.on_change: Callable[[Pool, dict[str, Any]], None] | None = None
         self._lock = threading.RLock()
         self.backends: list[Backend] = []
         self._by_url: dict[str, Backend] = {}
@@ -196,6 +200,9 @@ class Pool:
                 changed = self._maybe_eject(backend)
         if changed is not None:
             self._notify(backend, *changed)
+            if self.on_change is not None:
+                seconds = backend.ejected_until - self._clock()
+                self.on_change(self, {"op": "eject", "url": backend.url, "seconds": seconds})
 
     def try_acquire_retry(self) -> bool:
         """Take a place in the retry budget; False when it is spent."""
@@ -215,8 +222,74 @@ class Pool:
     # --- runtime control ------------------------------------------------------
 
     def add_backend(self, url: str, weight: int = 1, *, backup: bool = False) -> Backend:
-        """Add a backend at runtime; it takes traffic at once."""
+        """Add a backend at runtime; it takes traffic at once (after its first
+        passing check, when active checks run)."""
         validate_backend(url, weight, backup=backup)
+        backend = self._add_backend(url, weight, backup)
+        self._announce({"op": "add", "url": url, "weight": weight, "backup": backup})
+        return backend
+
+    def remove_backend(self, url: str) -> None:
+        """Remove a backend. Requests in flight on it finish normally."""
+        self._remove_backend(url)
+        self._announce({"op": "remove", "url": url})
+
+    def drain(self, url: str) -> None:
+        """No new requests; those in flight (and pinned sessions) finish."""
+        self._update(url, draining=True)
+        self._announce({"op": "drain", "url": url})
+
+    def disable(self, url: str) -> None:
+        """No traffic at all."""
+        self._update(url, enabled=False)
+        self._announce({"op": "disable", "url": url})
+
+    def enable(self, url: str) -> None:
+        """Undo :meth:`drain` and :meth:`disable`."""
+        self._update(url, enabled=True, draining=False)
+        self._announce({"op": "enable", "url": url})
+
+    def set_weight(self, url: str, weight: int) -> None:
+        """Change a backend's weight."""
+        validate_backend(url, weight)
+        self._set_weight(url, weight)
+        self._announce({"op": "weight", "url": url, "weight": weight})
+
+    def apply(self, change: dict[str, Any]) -> None:
+        """Apply a change another process made through the methods above
+        (see :mod:`balancekit._coordination`); not announced again, and
+        idempotent: a change already in place, or about a backend this pool
+        does not have, is skipped."""
+        op, url = change.get("op"), change.get("url")
+        if not isinstance(url, str):
+            return
+        backend = self._by_url.get(url)
+        if op == "add":
+            if backend is None:
+                self._add_backend(url, int(change.get("weight", 1)), bool(change.get("backup")))
+            return
+        if backend is None:
+            return
+        if op == "remove":
+            self._remove_backend(url)
+        elif op == "drain" and not backend.draining:
+            self._update(url, draining=True)
+        elif op == "disable" and backend.enabled:
+            self._update(url, enabled=False)
+        elif op == "enable" and (backend.draining or not backend.enabled):
+            self._update(url, enabled=True, draining=False)
+        elif op == "weight" and backend.weight != change.get("weight"):
+            self._set_weight(url, int(change["weight"]))
+        elif op == "eject":
+            self._eject_for(backend, float(change.get("seconds", 0)))
+        elif op == "health" and backend.healthy != bool(change.get("healthy")):
+            self._update(url, healthy=bool(change.get("healthy")))
+
+    def _announce(self, change: dict[str, Any]) -> None:
+        if self.on_change is not None:
+            self.on_change(self, change)
+
+    def _add_backend(self, url: str, weight: int, backup: bool) -> Backend:
         with self._lock:
             if url in self._by_url:
                 raise ValueError(f"pool {self.name!r} already has backend {url!r}")
@@ -227,8 +300,7 @@ class Pool:
         logger.info("pool %s: backend %s added", self.name, url)
         return backend
 
-    def remove_backend(self, url: str) -> None:
-        """Remove a backend. Requests in flight on it finish normally."""
+    def _remove_backend(self, url: str) -> None:
         with self._lock:
             backend = self.backend(url)
             self.backends.remove(backend)
@@ -238,17 +310,34 @@ class Pool:
             self._rebuild()
         logger.info("pool %s: backend %s removed", self.name, url)
 
-    def drain(self, url: str) -> None:
-        """No new requests; those in flight (and pinned sessions) finish."""
-        self._update(url, draining=True)
+    def _set_weight(self, url: str, weight: int) -> None:
+        with self._lock:
+            backend = self.backend(url)
+            backend.weight = weight
+            if not backend.ramp_started:
+                backend.effective_weight = weight
+            self._rebuild()
+        logger.info("pool %s: backend %s weight %d", self.name, url, weight)
 
-    def disable(self, url: str) -> None:
-        """No traffic at all."""
-        self._update(url, enabled=False)
-
-    def enable(self, url: str) -> None:
-        """Undo :meth:`drain` and :meth:`disable`."""
-        self._update(url, enabled=True, draining=False)
+    def _eject_for(self, backend: Backend, seconds: float) -> None:
+        # Another process ejected it: out here too, for as long as is left.
+        with self._lock:
+            if seconds <= 0 or backend.removed:
+                return
+            until = self._clock() + seconds
+            if backend.ejected_until >= until:
+                return
+            old = backend.state
+            backend.ejected_until = until
+            self._rebuild()
+        logger.warning(
+            "pool %s: backend %s ejected for %.0fs by another worker",
+            self.name,
+            backend.url,
+            seconds,
+        )
+        if old is not backend.state:
+            self._notify(backend, old, backend.state)
 
     def set_healthy(self, backend: Backend, healthy: bool) -> None:
         """Record an active health check's verdict."""

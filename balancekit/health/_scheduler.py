@@ -16,14 +16,26 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .._backend import Backend
+    from .._coordination import Coordinator
     from .._pool import Pool
 
 logger = logging.getLogger("balancekit")
 
 
 class HealthScheduler:
-    def __init__(self, pool: Pool, check: Any, *, interval: float, rise: int, fall: int) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        check: Any,
+        *,
+        interval: float,
+        rise: int,
+        fall: int,
+        coordinator: Coordinator | None = None,
+    ) -> None:
         self.pool = pool
+        #: With a shared store: probe only when holding the backend's lease.
+        self.coordinator = coordinator
         self.check = check
         self.interval = interval
         self.rise = rise
@@ -60,12 +72,15 @@ class HealthScheduler:
         await asyncio.sleep(random.uniform(0, self.interval * 0.1))
         successes = failures = 0
         first = True
+        coordinator = self.coordinator
         while True:
-            try:
-                ok = bool(await self.check.check(backend))
-            except Exception as exc:  # a check plugin's bug must not stop the checks
-                logger.error("health check %r failed on %s: %s", self.check.name, backend.url, exc)
-                ok = False
+            if coordinator is not None:
+                mine = await coordinator.lease(self.pool, backend, self.interval)
+                if mine is not None:  # the store answered: the checks are shared
+                    await self._shared_round(coordinator, backend, mine)
+                    await asyncio.sleep(self.interval)
+                    continue
+            ok = await self._probe(backend)
             if ok:
                 successes, failures = successes + 1, 0
                 # A backend added at runtime starts unhealthy and joins after
@@ -78,3 +93,26 @@ class HealthScheduler:
                     self.pool.set_healthy(backend, False)
             first = False
             await asyncio.sleep(self.interval)
+
+    async def _probe(self, backend: Backend) -> bool:
+        try:
+            return bool(await self.check.check(backend))
+        except Exception as exc:  # a check plugin's bug must not stop the checks
+            logger.error("health check %r failed on %s: %s", self.check.name, backend.url, exc)
+            return False
+
+    async def _shared_round(self, coordinator: Coordinator, backend: Backend, mine: bool) -> None:
+        # The lease holder probes and records; everyone adopts the verdict.
+        if mine:
+            ok = await self._probe(backend)
+            verdict = await coordinator.record(
+                self.pool, backend, ok, rise=self.rise, fall=self.fall, interval=self.interval
+            )
+        else:
+            verdict = await coordinator.verdict(self.pool, backend)
+        if verdict is not None and verdict != backend.healthy:
+            self.pool.set_healthy(backend, verdict)
+            if mine:  # the others need not wait for their next round
+                coordinator.announce(
+                    self.pool, {"op": "health", "url": backend.url, "healthy": verdict}
+                )

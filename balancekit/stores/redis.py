@@ -42,7 +42,17 @@ class RedisStore:
         )
         self._lock = threading.Lock()
 
-    def _client(self) -> Any:
+    def __str__(self) -> str:
+        scheme, sep, rest = self.url.partition("://")
+        return scheme + sep + ("***@" + rest.rsplit("@", 1)[1] if "@" in rest else rest)
+
+    @property
+    def sync_client(self) -> Any:
+        """redis-py's client, for any thread (coordination uses it too)."""
+        return self._sync
+
+    def async_client(self) -> Any:
+        """redis-py's asyncio client of the running loop."""
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
         if client is None:
@@ -71,16 +81,16 @@ class RedisStore:
     # --- async -----------------------------------------------------------------
 
     async def aget(self, key: str, *, ttl: float | None = None) -> str | None:
-        client = self._client()
+        client = self.async_client()
         if ttl is None:
             return await client.get(key)  # type: ignore[no-any-return]
         return await client.getex(key, px=int(ttl * 1000))  # type: ignore[no-any-return]
 
     async def aset(self, key: str, value: str, *, ttl: float) -> None:
-        await self._client().set(key, value, px=int(ttl * 1000))
+        await self.async_client().set(key, value, px=int(ttl * 1000))
 
     async def adelete(self, key: str) -> None:
-        await self._client().delete(key)
+        await self.async_client().delete(key)
 
     async def aclose(self) -> None:
         loop = asyncio.get_running_loop()

@@ -1,0 +1,288 @@
+"""Many workers as one balancer, over a shared ``redis://`` store.
+
+Every process that shares the store runs a :class:`Coordinator` in the loop
+that runs its health checks (an ASGI server's, or the WSGI background
+thread's). It keeps three things in step:
+
+- **Runtime changes** (add, remove, drain, disable, enable, weight) made
+  through one process's API are published on a channel and applied by every
+  other process at once; each backend's resulting state is also written to
+  a hash per pool, which every process re-reads every ``RECONCILE_INTERVAL``
+  seconds, so a process that missed a message (or started later) heals.
+- **Active health checks**: before probing a backend, a process takes a
+  lease on it for a little under one interval; only the holder probes and
+  records the result (with the rise/fall counters) in the store, and the
+  others adopt the shared verdict. About one probe per backend per interval
+  across all processes; when the holder dies its lease lapses and another
+  takes over.
+- **Outlier ejections**: a process that ejects a backend tells the others,
+  which eject it for the time that is left.
+
+Per-request counters (in-flight requests, latency averages) stay local to
+each process. When Redis cannot be reached every process goes on alone:
+local checks, local changes, and catches up with the next reconcile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._backend import Backend
+    from ._balancer import Balancer
+    from ._pool import Pool
+    from .stores.redis import RedisStore
+
+logger = logging.getLogger("balancekit")
+
+CHANNEL = "balancekit:changes"
+#: Seconds between full re-reads of the shared runtime state.
+RECONCILE_INTERVAL = 2.0
+#: A lease lasts this share of the check interval, so the next round's
+#: first asker gets it.
+LEASE_SHARE = 0.9
+#: Seconds to wait before subscribing again after the channel failed.
+RESUBSCRIBE_DELAY = 1.0
+
+_ADMIN_OPS = frozenset({"add", "remove", "drain", "disable", "enable", "weight"})
+
+
+def _admin_key(pool: str) -> str:
+    return f"balancekit:admin:{pool}"
+
+
+def _health_key(pool: str, url: str) -> str:
+    return f"balancekit:health:{pool}:{url}"
+
+
+def admin_state(pool: Pool, url: str) -> dict[str, Any]:
+    """What the shared hash keeps of one backend: enough to rebuild it."""
+    backend = pool.find(url)
+    if backend is None:
+        return {"exists": False}
+    return {
+        "exists": True,
+        "weight": backend.weight,
+        "backup": backend.backup,
+        "enabled": backend.enabled,
+        "draining": backend.draining,
+    }
+
+
+def changes_towards(pool: Pool, url: str, state: dict[str, Any]) -> list[dict[str, Any]]:
+    """The changes that bring ``url`` in ``pool`` to the shared ``state``."""
+    backend = pool.find(url)
+    if not state.get("exists"):
+        return [] if backend is None else [{"op": "remove", "url": url}]
+    changes: list[dict[str, Any]] = []
+    if backend is None:
+        changes.append(
+            {"op": "add", "url": url, "weight": state["weight"], "backup": state["backup"]}
+        )
+    elif backend.weight != state["weight"]:
+        changes.append({"op": "weight", "url": url, "weight": state["weight"]})
+    if not state["enabled"]:
+        changes.append({"op": "disable", "url": url})
+    elif state["draining"]:
+        changes.append({"op": "drain", "url": url})
+    else:
+        changes.append({"op": "enable", "url": url})
+    return changes
+
+
+class Coordinator:
+    def __init__(self, balancer: Balancer, store: RedisStore) -> None:
+        self.balancer = balancer
+        self.store = store
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue[tuple[str, dict[str, Any]]] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._failing = False
+        for pool in balancer.pools.values():
+            pool.on_change = self.announce
+
+    @property
+    def id(self) -> str:
+        """This process, as its messages name it (a forked child is another)."""
+        return f"{socket.gethostname()}:{os.getpid()}"
+
+    # --- publishing --------------------------------------------------------------
+
+    def announce(self, pool: Pool, change: dict[str, Any]) -> None:
+        """Called by a pool, from any thread, after a change of its own."""
+        loop, queue = self._loop, self._queue
+        if loop is not None and queue is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(queue.put_nowait, (pool.name, change))
+            return
+        try:  # not started yet in this process: publish from this thread
+            client = self.store.sync_client
+            if change["op"] in _ADMIN_OPS:
+                client.hset(
+                    _admin_key(pool.name),
+                    change["url"],
+                    json.dumps(admin_state(pool, change["url"])),
+                )
+            client.publish(CHANNEL, self._message(pool.name, change))
+        except Exception as exc:
+            self._trouble("could not share a change", exc)
+
+    def _message(self, pool: str, change: dict[str, Any]) -> str:
+        return json.dumps({**change, "pool": pool, "from": self.id})
+
+    async def _publisher(self) -> None:
+        assert self._queue is not None
+        while True:
+            name, change = await self._queue.get()
+            pool = self.balancer.pools[name]
+            client = self.store.async_client()
+            try:
+                if change["op"] in _ADMIN_OPS:
+                    state = admin_state(pool, change["url"])
+                    await client.hset(_admin_key(name), change["url"], json.dumps(state))
+                await client.publish(CHANNEL, self._message(name, change))
+                self._recovered()
+            except Exception as exc:
+                self._trouble("could not share a change", exc)
+
+    # --- following ---------------------------------------------------------------
+
+    async def _subscriber(self) -> None:
+        while True:
+            pubsub = self.store.async_client().pubsub()
+            try:
+                await pubsub.subscribe(CHANNEL)
+                async for message in pubsub.listen():
+                    if message.get("type") == "message":
+                        self._apply(message["data"])
+            except Exception as exc:
+                self._trouble("lost the change channel", exc)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+            await asyncio.sleep(RESUBSCRIBE_DELAY)
+
+    def _apply(self, raw: str) -> None:
+        try:
+            change = json.loads(raw)
+            if change.get("from") == self.id:
+                return
+            pool = self.balancer.pools.get(change.get("pool"))
+            if pool is not None:
+                pool.apply(change)
+        except Exception:  # a malformed message must not stop the channel
+            logger.exception("balancekit: could not apply a shared change %r", raw[:200])
+
+    async def reconcile(self) -> None:
+        """Bring every pool to the shared runtime state (idempotent)."""
+        client = self.store.async_client()
+        for name, pool in self.balancer.pools.items():
+            shared = await client.hgetall(_admin_key(name))
+            for url, raw in shared.items():
+                for change in changes_towards(pool, url, json.loads(raw)):
+                    pool.apply(change)
+
+    async def _reconciler(self) -> None:
+        while True:
+            await asyncio.sleep(RECONCILE_INTERVAL)
+            try:
+                await self.reconcile()
+                self._recovered()
+            except Exception as exc:
+                self._trouble("could not read the shared state", exc)
+
+    # --- health checks -----------------------------------------------------------
+
+    async def lease(self, pool: Pool, backend: Backend, interval: float) -> bool | None:
+        """Whether this process probes ``backend`` this round; None when the
+        store cannot say (then every process checks on its own)."""
+        key = f"balancekit:lease:{pool.name}:{backend.url}"
+        try:
+            taken = await self.store.async_client().set(
+                key, self.id, nx=True, px=max(1, int(interval * LEASE_SHARE * 1000))
+            )
+        except Exception as exc:
+            self._trouble("could not take a health-check lease", exc)
+            return None
+        self._recovered()
+        return bool(taken)
+
+    async def record(
+        self, pool: Pool, backend: Backend, ok: bool, *, rise: int, fall: int, interval: float
+    ) -> bool | None:
+        """Add a probe's result to the shared counters; the shared verdict
+        after it (None when the store failed)."""
+        key = _health_key(pool.name, backend.url)
+        client = self.store.async_client()
+        try:
+            shared = await client.hgetall(key)
+            successes = int(shared.get("s", 0))
+            failures = int(shared.get("f", 0))
+            known = "healthy" in shared
+            healthy = shared.get("healthy") == "1" if known else backend.healthy
+            if ok:
+                successes, failures = successes + 1, 0
+                # a backend nobody has checked yet joins on its first pass
+                if not healthy and (successes >= rise or not known):
+                    healthy = True
+            else:
+                successes, failures = 0, failures + 1
+                if healthy and failures >= fall:
+                    healthy = False
+            mapping = {"s": successes, "f": failures, "healthy": "1" if healthy else "0"}
+            await client.hset(key, mapping=mapping)
+            await client.pexpire(key, int(interval * (rise + fall + 2) * 1000))
+        except Exception as exc:
+            self._trouble("could not record a health check", exc)
+            return None
+        return healthy
+
+    async def verdict(self, pool: Pool, backend: Backend) -> bool | None:
+        """The shared health verdict on ``backend``, or None if there is none."""
+        try:
+            value = await self.store.async_client().hget(
+                _health_key(pool.name, backend.url), "healthy"
+            )
+        except Exception as exc:
+            self._trouble("could not read a health verdict", exc)
+            return None
+        return None if value is None else value == "1"
+
+    # --- life --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue = asyncio.Queue()
+        try:
+            await self.reconcile()  # join with the state the others made
+        except Exception as exc:
+            self._trouble("could not read the shared state", exc)
+        self._tasks = [
+            self._loop.create_task(self._publisher()),
+            self._loop.create_task(self._subscriber()),
+            self._loop.create_task(self._reconciler()),
+        ]
+
+    async def stop(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._loop = self._queue = None
+
+    def _trouble(self, what: str, exc: BaseException) -> None:
+        if not self._failing:  # once per outage, not once per operation
+            self._failing = True
+            logger.error("balancekit: %s through %s: %s; going on alone", what, self.store, exc)
+
+    def _recovered(self) -> None:
+        if self._failing:
+            self._failing = False
+            logger.warning("balancekit: shared state reachable again")
