@@ -15,8 +15,10 @@ thread's). It keeps three things in step:
   others adopt the shared verdict. About one probe per backend per interval
   across all processes; when the holder dies its lease lapses and another
   takes over.
-- **Outlier ejections**: a process that ejects a backend tells the others,
-  which eject it for the time that is left.
+- **Outlier ejections**: consecutive failures are counted in the store
+  across processes (a success anywhere ends the streak), so N processes do
+  not need N times ``consecutive_failures``; the process that ejects tells
+  the others, which eject the backend for the time that is left.
 
 Per-request counters (in-flight requests, latency averages) stay local to
 each process. When Redis cannot be reached every process goes on alone:
@@ -51,6 +53,10 @@ LEASE_SHARE = 0.9
 RESUBSCRIBE_DELAY = 1.0
 
 _ADMIN_OPS = frozenset({"add", "remove", "drain", "disable", "enable", "weight"})
+#: Kept in the store, not broadcast: failure streaks counted across processes.
+_COUNTING_OPS = frozenset({"failure", "recovered"})
+#: A failure streak nobody added to for this long is forgotten.
+FAILURE_MEMORY_MS = 60_000
 
 
 def _admin_key(pool: str) -> str:
@@ -120,6 +126,8 @@ class Coordinator:
         if loop is not None and queue is not None and not loop.is_closed():
             loop.call_soon_threadsafe(queue.put_nowait, (pool.name, change))
             return
+        if change["op"] in _COUNTING_OPS:
+            return  # before start: the local streak is still counted
         try:  # not started yet in this process: publish from this thread
             client = self.store.sync_client
             if change["op"] in _ADMIN_OPS:
@@ -142,6 +150,9 @@ class Coordinator:
             pool = self.balancer.pools[name]
             client = self.store.async_client()
             try:
+                if change["op"] in _COUNTING_OPS:
+                    await self._count(client, pool, change)
+                    continue
                 if change["op"] in _ADMIN_OPS:
                     state = admin_state(pool, change["url"])
                     await client.hset(_admin_key(name), change["url"], json.dumps(state))
@@ -149,6 +160,21 @@ class Coordinator:
                 self._recovered()
             except Exception as exc:
                 self._trouble("could not share a change", exc)
+
+    async def _count(self, client: Any, pool: Pool, change: dict[str, Any]) -> None:
+        # Consecutive failures of a backend, as all processes together saw
+        # them: the pool that brings the count to its limit ejects (and its
+        # "eject" goes out to the others); a success ends the streak.
+        key = f"balancekit:failures:{pool.name}:{change['url']}"
+        if change["op"] == "recovered":
+            await client.delete(key)
+            return
+        count = int(await client.incr(key))
+        await client.pexpire(key, FAILURE_MEMORY_MS)
+        outlier = pool.outlier
+        if outlier is not None and count >= outlier.consecutive_failures:
+            await client.delete(key)
+            pool.eject_for_failures(change["url"], count)
 
     # --- following ---------------------------------------------------------------
 

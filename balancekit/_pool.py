@@ -183,6 +183,7 @@ class Pool:
         is no meaningful sample (the client went away).
         """
         changed = None
+        streak = 0
         with self._lock:
             if backend.active_requests == self.max_connections:
                 self._saturated -= 1
@@ -193,16 +194,39 @@ class Pool:
             if self._released is not None:
                 self._released(backend)
             if ok:
+                streak = backend.consecutive_failures
                 backend.consecutive_failures = 0
             else:
                 backend.failures_total += 1
                 backend.consecutive_failures += 1
                 changed = self._maybe_eject(backend)
         if changed is not None:
-            self._notify(backend, *changed)
-            if self.on_change is not None:
-                seconds = backend.ejected_until - self._clock()
-                self.on_change(self, {"op": "eject", "url": backend.url, "seconds": seconds})
+            self._ejected(backend, changed)
+        elif self.on_change is not None and self.outlier is not None:
+            # Shared stores count failures across processes: each one, and
+            # the success that ends a streak (never a plain success).
+            if not ok:
+                self.on_change(self, {"op": "failure", "url": backend.url})
+            elif streak:
+                self.on_change(self, {"op": "recovered", "url": backend.url})
+
+    def eject_for_failures(self, url: str, failures: int) -> None:
+        """Eject ``url`` for ``failures`` consecutive failures counted across
+        processes (see :mod:`balancekit._coordination`), by the pool's rules."""
+        backend = self._by_url.get(url)
+        if backend is None or self.outlier is None:
+            return
+        with self._lock:
+            backend.consecutive_failures = max(backend.consecutive_failures, failures)
+            changed = self._maybe_eject(backend)
+        if changed is not None:
+            self._ejected(backend, changed)
+
+    def _ejected(self, backend: Backend, changed: tuple[BackendState, BackendState]) -> None:
+        self._notify(backend, *changed)
+        if self.on_change is not None:
+            seconds = backend.ejected_until - self._clock()
+            self.on_change(self, {"op": "eject", "url": backend.url, "seconds": seconds})
 
     def try_acquire_retry(self) -> bool:
         """Take a place in the retry budget; False when it is spent."""

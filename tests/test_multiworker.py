@@ -179,23 +179,51 @@ def test_a_drain_through_one_worker_reaches_all_within_a_second(
         print(f"missed change healed in all workers after {took:.3f}s")
 
 
-def test_an_ejection_in_one_worker_ejects_everywhere(counted, redis_url, tmp_path) -> None:
+def connections_to_distinct_workers(url: str, count: int) -> list[httpx.Client]:
+    """Keep-alive clients, each held by a different worker."""
+    clients: dict[int, httpx.Client] = {}
+    deadline = time.monotonic() + 10
+    while len(clients) < count:
+        assert time.monotonic() < deadline
+        client = httpx.Client(base_url=url)
+        pid = client.get("/whoami").json()["pid"]
+        if pid in clients:
+            client.close()
+        else:
+            clients[pid] = client
+    return list(clients.values())
+
+
+def fail_once(client: httpx.Client) -> None:
+    """One request of this worker's round robin that lands on the bad backend."""
+    for _ in range(2):
+        if client.get("/api/x").status_code == 500:
+            return
+    raise AssertionError("round robin never reached the failing backend")
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["redis", "memory"])
+def test_failures_in_different_workers_add_up_to_one_ejection(
+    counted, redis_url, tmp_path, shared
+) -> None:
     backends = [server.url for _, server in counted]
-    bad = counted[1][0]
-    with workers(write_config(tmp_path, redis_url, backends)) as running:
-        bad.fail = True
-        deadline = time.monotonic() + 10
-        failures = 0
-        while True:  # new connections: the requests spread over the workers
-            assert time.monotonic() < deadline
-            if httpx.get(f"{running.url}/api/x").status_code == 500:
-                failures += 1
-            report = running.whoami()["status"]["pools"]["api"]
-            if report["backends"][1]["state"] == "ejected":
-                break
-        took = running.all_agree(lambda pool: pool["backends"][1]["state"] == "ejected", 3)
-        print(f"\nejected after {failures} failures; all workers agree after {took:.3f}s")
-        assert failures <= WORKERS * 1 + 1  # consecutive_failures = 2 in one worker
+    store = redis_url if shared else "memory://"
+    with workers(write_config(tmp_path, store, backends)) as running:
+        first, second = connections_to_distinct_workers(running.url, 2)
+        try:
+            counted[1][0].fail = True
+            fail_once(first)  # consecutive_failures = 2: one failure in each of
+            fail_once(second)  # two workers is a streak of two for the balancer
+            if not shared:  # each worker alone counts one failure: no ejection
+                time.sleep(0.5)
+                views = [c.get("/whoami").json()["status"]["pools"]["api"] for c in (first, second)]
+                assert [v["backends"][1]["state"] for v in views] == ["healthy", "healthy"]
+                return
+            took = running.all_agree(lambda pool: pool["backends"][1]["state"] == "ejected", 3)
+        finally:
+            first.close()
+            second.close()
+        print(f"\nejected by 2 failures in 2 workers; all {WORKERS} agree after {took:.3f}s")
         assert {httpx.get(f"{running.url}/api/x").text for _ in range(8)} == {"a"}
 
 
