@@ -200,10 +200,12 @@ def redis_url() -> Iterator[str]:
 class RedisServer:
     """A throwaway redis-server on a free port, to stop and start at will."""
 
-    def __init__(self, binary: str) -> None:
+    def __init__(self, binary: str, password: str = "") -> None:
         self.binary = binary
+        self.password = password
         self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{password}@" if password else ""
+        self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -211,11 +213,14 @@ class RedisServer:
 
         self.process = subprocess.Popen(
             [self.binary, "--bind", "127.0.0.1", "--port", str(self.port)]
-            + ["--save", "", "--appendonly", "no", "--daemonize", "no"],
+            + ["--save", "", "--appendonly", "no", "--daemonize", "no"]
+            + (["--requirepass", self.password] if self.password else []),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        client = redis.Redis(
+            port=self.port, password=self.password or None, socket_connect_timeout=0.2
+        )
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -234,11 +239,19 @@ class RedisServer:
 
 
 @pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
+def redis_server() -> Iterator[Callable[..., RedisServer]]:
+    """Start throwaway redis-servers (``password=`` to require one)."""
     binary = shutil.which("redis-server")
     need(binary is not None, "redis-server is not installed")
     assert binary is not None
-    server = RedisServer(binary)
-    server.start()
-    yield server
-    server.stop()
+    started: list[RedisServer] = []
+
+    def start(password: str = "") -> RedisServer:
+        server = RedisServer(binary, password)
+        server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

@@ -308,6 +308,7 @@ def test_redis_stopped_mid_load_fails_no_request_and_stickiness_resumes(
     serve, named, redis_server, monkeypatch, caplog
 ) -> None:
     monkeypatch.setattr("balancekit.stores.BACKOFF_MAX", 0.5)
+    redis_server = redis_server()
     pool = {"persistence": {"type": "session", "key": "header:X-Session-ID", "ttl": 60}}
     server, balancer = balanced(serve, urls(named), pool=pool, store=redis_server.url)
     sessions = [f"s{i}" for i in range(6)]
@@ -357,3 +358,17 @@ def test_redis_stopped_mid_load_fails_no_request_and_stickiness_resumes(
         assert {s: ask(s) for s in sessions} == now
     assert set(pinned) == set(now)
     assert not balancer.store.down
+
+
+def test_a_password_in_the_url_works_and_never_reaches_the_log(redis_server, caplog) -> None:
+    server = redis_server(password="hunter2")
+    store = Balancer({"store": server.url, "pools": {}}).store
+    store.set("k", "v", ttl=5)
+    assert store.get("k") == "v"
+    wrong = Balancer({"store": server.url.replace("hunter2", "wrong"), "pools": {}}).store
+    with caplog.at_level(logging.ERROR, logger="balancekit"):
+        assert wrong.get("k") is None  # refused: logged, not raised
+    assert wrong.down
+    assert "redis://***@127.0.0.1" in caplog.text and "wrong" not in caplog.text
+    store.close()
+    wrong.close()
