@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import socket
 import sys
@@ -246,6 +247,102 @@ def plugins() -> None:
     click.echo(table(("kind", "name", "provided by"), rows))
     for name, error in manager.failed:
         click.echo(f"plugin {name!r} failed to load: {type(error).__name__}: {error}", err=True)
+
+
+@cli.command()
+@click.option(
+    "--scenario",
+    default="slow-backend",
+    show_default=True,
+    type=click.Choice(["uniform", "slow-backend", "flaky-backend", "heterogeneous", "hot-keys"]),
+    help="A built-in workload.",
+)
+@click.option(
+    "--scenario-file",
+    type=click.Path(dir_okay=False, exists=True),
+    help="A TOML file describing your own fleet (see docs/choosing-an-algorithm.md).",
+)
+@click.option("--algorithms", help="Comma-separated names (default: every registered one).")
+@click.option("--requests", default=100_000, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--load",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="Arrival rate as a share of the fleet's capacity (default: the scenario's).",
+)
+@click.option("--seed", default=1, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG plot here.")
+def simulate(
+    scenario: str,
+    scenario_file: str | None,
+    algorithms: str | None,
+    requests: int,
+    load: float | None,
+    seed: int,
+    as_json: bool,
+    plot: str | None,
+) -> None:
+    """Simulate a workload against every algorithm, with no network: which one to choose?"""
+    from . import simulate as sim
+
+    try:
+        model = sim.load_scenario(scenario_file) if scenario_file else sim.SCENARIOS[scenario]
+    except ConfigError as exc:
+        click.echo(f"balancekit: invalid scenario:\n{exc}", err=True)
+        sys.exit(1)
+    registered = {n: c for n, (c, _) in make_plugin_manager().classes("algorithm").items()}
+    chosen = registered
+    if algorithms:
+        wanted = [a.strip() for a in algorithms.split(",") if a.strip()]
+        unknown = [a for a in wanted if a not in registered]
+        if unknown:
+            known = ", ".join(sorted(registered))
+            click.echo(
+                f"balancekit: unknown algorithm {', '.join(unknown)} (known: {known})", err=True
+            )
+            sys.exit(1)
+        chosen = {a: registered[a] for a in wanted}
+    runnable, skipped = sim.buildable(model, chosen)
+    for name, reason in skipped.items():
+        click.echo(
+            f"skipped {name}: {reason} (give its options in a scenario file's [algorithms.{name}])",
+            err=True,
+        )
+    if not runnable:
+        click.echo("balancekit: no algorithm to simulate", err=True)
+        sys.exit(1)
+    report = sim.run(model, runnable, requests=requests, load=load, seed=seed)
+    if plot:
+        try:
+            sim.plot(report, plot)
+        except ImportError:
+            click.echo(
+                "balancekit: --plot needs matplotlib: pip install 'balancekit[plot]'", err=True
+            )
+            sys.exit(1)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    results = report["algorithms"]
+    order = sorted(results, key=lambda n: (results[n]["p99_ms"], results[n]["mean_ms"]))
+    rows = [
+        (
+            name,
+            f"{results[name]['p50_ms']:.1f}",
+            f"{results[name]['p95_ms']:.1f}",
+            f"{results[name]['p99_ms']:.1f}",
+            f"{results[name]['mean_ms']:.1f}",
+            f"{results[name]['error_rate']:.2%}",
+            f"{results[name]['max_share_ratio']:.2f}",
+        )
+        for name in order
+    ]
+    click.echo(f"{model.name}: {model.description}; {requests:,} requests, seed {seed}")
+    headers = ("algorithm", "p50 ms", "p95 ms", "p99 ms", "mean ms", "errors", "max share")
+    click.echo(table(headers, rows))
+    click.echo(sim.recommend(report))
+    if plot:
+        click.echo(f"plot written to {plot}")
 
 
 @contextlib.contextmanager
