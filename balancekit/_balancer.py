@@ -257,7 +257,6 @@ class Balancer:
     async def astart(self) -> None:
         """Start the active health checks in the running loop, unless they
         run in another loop of this process already (idempotent)."""
-        from .health._scheduler import HealthScheduler
 
         loop = asyncio.get_running_loop()
         with self._lock:
@@ -266,6 +265,12 @@ class Balancer:
             schedulers = self._schedulers[loop] = []
         if self.coordinator is not None:
             await self.coordinator.start()
+        schedulers.extend(self._start_schedulers())
+
+    def _start_schedulers(self) -> list[HealthScheduler]:
+        from .health._scheduler import HealthScheduler
+
+        started = []
         for name, (cls, options) in self._health.items():
             check = self.config.pools[name].health_check
             scheduler = HealthScheduler(
@@ -277,7 +282,69 @@ class Balancer:
                 coordinator=self.coordinator,
             )
             scheduler.start()
-            schedulers.append(scheduler)
+            started.append(scheduler)
+        return started
+
+    async def _restart_checks(self) -> None:
+        loop = asyncio.get_running_loop()
+        old = self._schedulers.get(loop)
+        if old is None:
+            return
+        for scheduler in old:
+            await scheduler.stop()
+        old[:] = self._start_schedulers()
+
+    def reload(self, config: ConfigInput) -> None:
+        """Serve ``config`` from now on, without a restart.
+
+        Pools whose settings are unchanged keep their backends' live state
+        (health, counters, ejections) and only gain or lose the backends that
+        were added or removed; a pool whose settings changed is built anew,
+        and health checks restart for the new set of pools. Top-level keys
+        other than ``pools``, ``routes``, ``trusted_proxies`` and ``access_log``
+        need a restart. A bad configuration raises :class:`ConfigError` and
+        changes nothing.
+        """
+        new = load_config(config)
+        problems: list[Problem] = []
+        for key in ("store", "transport", "secret", "status"):
+            if getattr(new, key) != getattr(self.config, key):
+                problems.append(Problem(key, "cannot change without a restart"))
+        kept_health, self._health = self._health, {}
+        pools: dict[str, Pool] = {}
+        for name, pool_config in new.pools.items():
+            old = self.pools.get(name)
+            if old is not None and _settings(old.config) == _settings(pool_config):
+                pools[name] = old
+                if name in kept_health:
+                    self._health[name] = kept_health[name]
+                continue
+            pool = self._build_pool(name, pool_config, problems)
+            if pool is not None:
+                pools[name] = pool
+        if problems:
+            self._health = kept_health
+            raise ConfigError(problems)
+        for name, pool in pools.items():
+            if self.pools.get(name) is pool:
+                _follow_backends(pool, new.pools[name])
+            pool.config = new.pools[name]
+        rebuilt = pools.keys() != self.pools.keys() or any(
+            self.pools.get(name) is not pool for name, pool in pools.items()
+        )
+        with self._lock:
+            self.config = new
+            self.trusted_proxies = TrustedProxies(new.trusted_proxies)
+            self.routes = RouteTable(Route(r.prefix, r.pool, r.strip_prefix) for r in new.routes)
+            self.pools = pools
+            loops = [loop for loop in self._schedulers if not loop.is_closed()]
+        if self.coordinator is not None:
+            for pool in pools.values():
+                pool.on_change = self.coordinator.announce
+        if rebuilt:
+            for loop in loops:
+                asyncio.run_coroutine_threadsafe(self._restart_checks(), loop)
+        logger.info("configuration reloaded: %d pools, %d routes", len(pools), len(self.routes))
 
     async def aclose(self) -> None:
         """Stop this loop's health checks and close its upstream connections."""
@@ -307,6 +374,26 @@ class Balancer:
                     "plugin %r failed in balancekit_backend_state_changed",
                     self.plugins.pm.get_name(impl.plugin),
                 )
+
+
+def _settings(config: PoolConfig) -> dict[str, Any]:
+    """A pool's configuration but its backends: what a reload can't change in place."""
+    return config.model_dump(exclude={"backends"})
+
+
+def _follow_backends(pool: Pool, config: PoolConfig) -> None:
+    """Bring ``pool``'s backends to ``config``'s, keeping the live state of
+    those that stay (not announced: every process reloads the same config)."""
+    wanted = {b.url: b for b in config.backends}
+    for backend in list(pool.backends):
+        target = wanted.get(backend.url)
+        if target is None or target.backup != backend.backup:
+            pool._remove_backend(backend.url)
+        elif target.weight != backend.weight:
+            pool._set_weight(backend.url, target.weight)
+    for url, target in wanted.items():
+        if pool.find(url) is None:
+            pool._add_backend(url, target.weight, target.backup)
 
 
 #: Balancers with per-process state to forget in a forked child.
