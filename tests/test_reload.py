@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -10,7 +11,7 @@ from balancekit import Balancer, ConfigError
 from balancekit._request import RequestInfo
 
 
-def config(backends: list[str], **pool) -> dict:
+def config(backends: list[Any], **pool) -> dict:
     return {
         "pools": {"api": {"backends": backends, **pool}},
         "routes": [{"prefix": "/api/", "pool": "api"}],
