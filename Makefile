@@ -21,7 +21,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 typecheck: $(STAMP)
-	$(VENV)/bin/mypy balancekit balancekit_flask tests example_projects/canary_plugin/src example_projects/canary_plugin/tests
+	$(VENV)/bin/mypy balancekit balancekit_flask balancekit_django tests example_projects/canary_plugin/src example_projects/canary_plugin/tests
 
 pytest: $(STAMP)
 	PYTHONDEVMODE=1 $(PY) -m pytest -W error::ResourceWarning $(PYTEST_ARGS)

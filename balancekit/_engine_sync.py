@@ -323,6 +323,7 @@ class Relay:
             return chunk
         status = self._response.status
         latency = self._attempts.answered(status)
+        self._response.close()  # the connection goes back to the pool at once
         if self._engine.access_log:
             pool = self._attempts.pool.name
             log_access(self._request, self._target, pool, status, self._backend, latency)

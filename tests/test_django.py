@@ -1,0 +1,197 @@
+"""balancekit_django in process (pytest-django, SQLite): models, checks,
+propagation, the command, the admin and the middleware against real backends."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from io import StringIO
+
+import pytest
+from django.contrib.auth.models import Permission, User
+from django.core.exceptions import ValidationError
+from django.core.management import call_command
+from django.core.management.base import SystemCheckError
+from django.test import Client, override_settings
+
+from balancekit_django import runtime as runtime_module
+from balancekit_django.checks import check_balancekit
+from balancekit_django.models import Backend, Pool, Route, State
+from balancekit_django.runtime import Runtime
+
+pytestmark = pytest.mark.django_db
+
+
+def version() -> int:
+    return State.objects.values_list("version", flat=True).first() or 0
+
+
+@pytest.fixture
+def fresh_runtime(monkeypatch) -> Iterator[Runtime]:
+    """A runtime of this test's own, as the middleware and the admin see it."""
+    made = Runtime()
+    monkeypatch.setattr(runtime_module, "_runtime", made)
+    yield made
+    made.stop()
+    made.balancer.close()
+
+
+def test_every_kind_of_change_bumps_the_version() -> None:
+    seen = [version()]
+
+    def bumped() -> bool:
+        seen.append(version())
+        return seen[-1] > seen[-2]
+
+    pool = Pool.objects.create(name="api")
+    assert bumped()
+    backend = Backend.objects.create(pool=pool, url="http://10.0.0.1")
+    assert bumped()
+    Route.objects.create(prefix="/api/", pool=pool)
+    assert bumped()
+    Backend.objects.filter(pk=backend.pk).update(weight=5)  # no signal: bumped all the same
+    assert bumped()
+    backend.weight = 2
+    Backend.objects.bulk_update([backend], ["weight"])
+    assert bumped()
+    Backend.objects.bulk_create([Backend(pool=pool, url="http://10.0.0.2")])
+    assert bumped()
+    Backend.objects.filter(pk=backend.pk).delete()
+    assert bumped()
+
+
+def test_model_validation_speaks_the_config_key_paths() -> None:
+    pool = Pool(name="api", settings={"timeouts": {"connect": -1}})
+    with pytest.raises(ValidationError) as caught:
+        pool.full_clean()
+    assert "pools.api.timeouts.connect" in str(caught.value)
+    pool = Pool(name="api", algorithm="fastest")
+    with pytest.raises(ValidationError, match="unknown algorithm 'fastest'"):
+        pool.full_clean()
+    backend = Backend(pool=Pool.objects.create(name="p"), url="ftp://x", weight=1)
+    with pytest.raises(ValidationError, match="must be an http:// or https:// URL"):
+        backend.full_clean()
+
+
+def test_the_database_pools_join_and_follow_changes(fresh_runtime: Runtime) -> None:
+    assert fresh_runtime.refresh() is True or fresh_runtime.version is not None
+    pool = Pool.objects.create(name="db")
+    Backend.objects.create(pool=pool, url="http://10.0.0.1")
+    Backend.objects.create(pool=pool, url="http://10.0.0.2")
+    Route.objects.create(prefix="/db/", pool=pool)
+    assert fresh_runtime.refresh()
+    balancer = fresh_runtime.balancer
+    assert [b.url for b in balancer.pools["db"].backends] == ["http://10.0.0.1", "http://10.0.0.2"]
+    live = balancer.pools["db"].backend("http://10.0.0.1")
+    Backend.objects.filter(url="http://10.0.0.2").update(enabled=False)
+    assert fresh_runtime.refresh()
+    assert balancer.pools["db"].backend("http://10.0.0.2").state.value == "disabled"
+    assert balancer.pools["db"].backend("http://10.0.0.1") is live, "live state kept"
+    assert fresh_runtime.refresh() is False, "nothing changed: one query, no reload"
+
+
+def test_a_bad_database_pool_keeps_the_last_good_configuration(fresh_runtime, caplog) -> None:
+    pool = Pool.objects.create(name="db")
+    Backend.objects.create(pool=pool, url="http://10.0.0.1")
+    fresh_runtime.refresh()
+    Pool.objects.filter(pk=pool.pk).update(algorithm="fastest")  # past model validation
+    fresh_runtime.refresh()
+    assert fresh_runtime.balancer.pools["db"].algorithm.name == "round_robin"
+    assert "keeping the last good ones" in caplog.text
+
+
+@override_settings(
+    BALANCEKIT={
+        "pools": {"api": {"backends": [{"url": "http://10.0.0.1", "weight": -3}]}},
+        "status": {"enabled": True},
+        "trusted_proxies": ["0.0.0.0/0"],
+    }
+)
+def test_checks_report_key_paths_and_risky_settings() -> None:
+    found = {m.id: m for m in check_balancekit()}
+    assert (
+        "pools.api.backends[0].weight: must be a positive integer" in found["balancekit.E001"].msg
+    )
+    assert found["balancekit.W001"].msg.startswith("the status page is enabled without")
+    assert "0.0.0.0/0" in found["balancekit.W002"].msg
+
+
+@override_settings(BALANCEKIT={"pools": {"api": {"backends": ["http://10.0.0.1"]}}})
+def test_a_pool_in_settings_and_database_is_an_error() -> None:
+    Backend.objects.create(pool=Pool.objects.create(name="api"), url="http://10.0.0.2")
+    ids = [m.id for m in check_balancekit()]
+    assert "balancekit.E002" in ids
+    with pytest.raises(SystemCheckError, match="balancekit.E002"):
+        call_command("check")
+
+
+def test_balancekit_status_command(fresh_runtime: Runtime) -> None:
+    pool = Pool.objects.create(name="db")
+    Backend.objects.create(pool=pool, url="http://10.0.0.9", weight=2)
+    out = StringIO()
+    call_command("balancekit_status", stdout=out)
+    lines = out.getvalue().splitlines()
+    assert lines[0].split()[:4] == ["pool", "algorithm", "backend", "state"]
+    assert any(
+        line.split()[:5] == ["db", "round_robin", "http://10.0.0.9", "healthy", "2"]
+        for line in lines
+    )
+    out = StringIO()
+    call_command("balancekit_status", "--json", stdout=out)
+    assert json.loads(out.getvalue())["pools"]["db"]["backends"][0]["weight"] == 2
+
+
+def test_the_middleware_proxies_routed_paths_and_leaves_the_rest(fresh_runtime, upstreams) -> None:
+    pool = Pool.objects.create(name="db")
+    for upstream in upstreams[:2]:
+        Backend.objects.create(pool=pool, url=upstream.url)
+    Route.objects.create(prefix="/api/", pool=pool, strip_prefix=True)
+    client = Client()
+    assert client.get("/view/").content == b"django view"
+    first = client.get("/api/users?x=1")
+    assert first.status_code == 200
+    body = json.loads(b"".join(first.streaming_content))
+    assert (body["path"], body["query"]) == ("/users", "x=1")
+    second = json.loads(b"".join(client.get("/api/users").streaming_content))
+    assert {body["backend"], second["backend"]} == {"a", "b"}
+    cookies = client.get("/api/cookies")
+    cookies.close()  # as a server does: the upstream connection goes back
+    assert [v for k, v in cookies.items() if k.lower() == "set-cookie"] == [
+        "a=1; Path=/",
+        "b=2; Path=/",
+    ]
+
+
+def admin_user(*, can_change: bool) -> User:
+    user = User.objects.create_user("op", password="pw", is_staff=True)
+    names = ["view_backend"] + (["change_backend"] if can_change else [])
+    user.user_permissions.set(Permission.objects.filter(codename__in=names))
+    return user
+
+
+def test_admin_lists_live_state_and_actions_need_change_permission(fresh_runtime) -> None:
+    pool = Pool.objects.create(name="db")
+    backend = Backend.objects.create(pool=pool, url="http://10.0.0.1")
+    fresh_runtime.refresh()
+    viewer = Client()
+    viewer.force_login(admin_user(can_change=False))
+    page = viewer.get("/admin/balancekit/backend/")
+    assert page.status_code == 200
+    assert b"http://10.0.0.1" in page.content and b"healthy" in page.content
+    assert b'value="disable"' not in page.content, "no actions for a viewer"
+    refused = viewer.post(
+        "/admin/balancekit/backend/", {"action": "disable", "_selected_action": [backend.pk]}
+    )
+    assert Backend.objects.get(pk=backend.pk).enabled
+    assert refused.status_code in (200, 302, 403)
+    User.objects.all().delete()
+    operator = Client()
+    operator.force_login(admin_user(can_change=True))
+    done = operator.post(
+        "/admin/balancekit/backend/", {"action": "disable", "_selected_action": [backend.pk]}
+    )
+    assert done.status_code == 302
+    assert not Backend.objects.get(pk=backend.pk).enabled
+    fresh_runtime.refresh()
+    page = operator.get("/admin/balancekit/backend/?state=disabled")
+    assert b"http://10.0.0.1" in page.content
