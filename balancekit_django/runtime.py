@@ -95,7 +95,10 @@ class Runtime:
 
     def _watch(self) -> None:
         while not self._stop.wait(POLL_INTERVAL):
-            self.refresh()
+            try:
+                self.refresh()
+            except Exception:  # a bug here must not stop the watching
+                logger.exception("balancekit: reloading the database's pools failed")
 
     def refresh(self) -> bool:
         """Reload if the version row moved; whether it did."""

@@ -15,7 +15,10 @@ def worker(request: HttpRequest) -> JsonResponse:
     """Which worker answered, and its pools: each worker reloads on its own."""
     from balancekit_django.runtime import current
 
-    return JsonResponse({"pid": os.getpid(), "status": current().balancer.status()})
+    runtime = current()
+    return JsonResponse(
+        {"pid": os.getpid(), "version": runtime.version, "status": runtime.balancer.status()}
+    )
 
 
 urlpatterns = [
