@@ -13,6 +13,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -255,3 +256,28 @@ def redis_server() -> Iterator[Callable[..., RedisServer]]:
     yield start
     for server in started:
         server.stop()
+
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    """Debian's headless Chromium through Selenium (no browser download)."""
+    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    need(binary is not None and driver is not None, "chromium and chromium-driver not installed")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(binary)
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
+        options.add_argument(argument)
+    options.add_argument("--window-size=1280,900")
+    chrome = webdriver.Chrome(service=Service(executable_path=str(driver)), options=options)
+    chrome.implicitly_wait(5)
+    ARTIFACTS.mkdir(exist_ok=True)
+    try:
+        yield chrome
+    finally:
+        chrome.quit()

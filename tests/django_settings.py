@@ -12,8 +12,10 @@ INSTALLED_APPS = [
     "django.contrib.contenttypes",
     "django.contrib.sessions",
     "django.contrib.messages",
+    "django.contrib.staticfiles",
     "balancekit_django",
 ]
+STATIC_URL = "static/"
 MIDDLEWARE = [
     "balancekit_django.middleware.BalanceMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",

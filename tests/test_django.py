@@ -195,3 +195,35 @@ def test_admin_lists_live_state_and_actions_need_change_permission(fresh_runtime
     fresh_runtime.refresh()
     page = operator.get("/admin/balancekit/backend/?state=disabled")
     assert b"http://10.0.0.1" in page.content
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_admin_in_a_real_browser(live_server, browser, fresh_runtime, upstreams) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from tests.conftest import ARTIFACTS
+
+    pool = Pool.objects.create(name="web")
+    for upstream in upstreams[:2]:
+        Backend.objects.create(pool=pool, url=upstream.url)
+    fresh_runtime.refresh()
+    User.objects.create_superuser("root", "root@example.com", "pw")
+    browser.get(f"{live_server.url}/admin/login/?next=/admin/balancekit/backend/")
+    browser.find_element(By.NAME, "username").send_keys("root")
+    browser.find_element(By.NAME, "password").send_keys("pw")
+    browser.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
+    rows = browser.find_elements(By.CSS_SELECTOR, "#result_list tbody tr")
+    assert len(rows) == 2
+    assert all("healthy" in row.text for row in rows)
+    rows[1].find_element(By.CSS_SELECTOR, "input.action-select").click()
+    Select(browser.find_element(By.NAME, "action")).select_by_value("disable")
+    browser.find_element(By.CSS_SELECTOR, "button[name=index]").click()
+    message = browser.find_element(By.CSS_SELECTOR, ".messagelist").text
+    assert "Disabled 1 backend(s)" in message
+    fresh_runtime.refresh()  # what the worker's watcher does within seconds
+    browser.get(f"{live_server.url}/admin/balancekit/backend/")
+    states = [row.text for row in browser.find_elements(By.CSS_SELECTOR, "#result_list tbody tr")]
+    assert sum("disabled" in text for text in states) == 1
+    browser.save_screenshot(str(ARTIFACTS / "django-admin-backends.png"))
+    assert fresh_runtime.balancer.pools["web"].backend(upstreams[1].url).state.value == "disabled"
