@@ -222,6 +222,20 @@ def test_changes_reach_every_worker_of_gunicorn_and_uvicorn(database, upstreams)
                 )
                 connection.execute("UPDATE balancekit_state SET version = version + 1")
             times.append(every_worker(fronts, has_state(urls[1], enabled), 8))
+        # The database fails the workers' reads: the last good pools keep serving.
+        connection.execute("ALTER TABLE balancekit_state RENAME TO balancekit_state_away")
+        deadline = time.monotonic() + 3  # more than one poll
+        while time.monotonic() < deadline:
+            for front in fronts:
+                assert httpx.get(f"{front}/api/x").status_code == 200
+            time.sleep(0.2)
+        connection.execute("ALTER TABLE balancekit_state_away RENAME TO balancekit_state")
+        with connection.transaction():
+            connection.execute(
+                "UPDATE balancekit_backend SET enabled = false WHERE id = %s", [b_id]
+            )
+            connection.execute("UPDATE balancekit_state SET version = version + 1")
+        assert every_worker(fronts, has_state(urls[1], False), 8) <= 5
         connection.close()
         median, worst = statistics.median(times), max(times)
         print(f"20 changes: median {median:.2f}s, max {worst:.2f}s to reach all 4 workers")
