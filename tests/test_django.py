@@ -74,6 +74,7 @@ def test_model_validation_speaks_the_config_key_paths() -> None:
 
 
 def test_the_database_pools_join_and_follow_changes(fresh_runtime: Runtime) -> None:
+    assert fresh_runtime.balancer.config.secrets == ["tests-only"], "SECRET_KEY by default"
     assert fresh_runtime.refresh() is True or fresh_runtime.version is not None
     pool = Pool.objects.create(name="db")
     Backend.objects.create(pool=pool, url="http://10.0.0.1")
