@@ -143,6 +143,11 @@ def test_a_killed_backend_leaves_and_returns_without_a_failed_request(
             "pools": {
                 "api": {
                     "backends": [a.url, b.url, c.url],
+                    # Room for every refused GET to be retried: with four
+                    # clients all on b at once, the default budget (a floor
+                    # of 3) could refuse a fourth retry; the budget has its
+                    # own tests.
+                    "retries": {"attempts": 3, "budget_percent": 100},
                     "health_check": {
                         "type": "http",
                         "path": "/healthz",
