@@ -8,12 +8,23 @@ from __future__ import annotations
 
 import enum
 import time
+from collections import deque
 from urllib.parse import urlsplit
 
 #: Weight of the newest sample in the latency moving average.
 EWMA_ALPHA = 0.3
 #: The least latency a failed request is recorded with.
 FAILURE_LATENCY_MS = 1000.0
+
+
+#: Latency samples kept per backend for the status page's p50 and p99.
+RECENT_SAMPLES = 512
+
+
+def _percentile(ordered: list[float], q: float) -> float | None:
+    if not ordered:
+        return None
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
 
 
 class BackendState(enum.StrEnum):
@@ -47,6 +58,8 @@ class Backend:
         "failures_total",
         "healthy",
         "host",
+        "last_check_at",
+        "last_check_ok",
         "host_header",
         "host_header_raw",
         "latency_at",
@@ -54,9 +67,11 @@ class Backend:
         "origin",
         "port",
         "ramp_started",
+        "recent_ms",
         "removed",
         "requests_total",
         "scheme",
+        "state_since",
         "url",
         "weight",
     )
@@ -97,6 +112,13 @@ class Backend:
         self.latency_ewma_ms: float | None = None
         #: When the last latency sample was taken (time.monotonic()).
         self.latency_at = 0.0
+        #: The last latencies (ms), for the status page's percentiles.
+        self.recent_ms: deque[float] = deque(maxlen=RECENT_SAMPLES)
+        #: Wall-clock time of the last state change (of creation, at first).
+        self.state_since = time.time()
+        #: This process's last active health check: its verdict and when.
+        self.last_check_ok: bool | None = None
+        self.last_check_at: float | None = None
 
     @property
     def state(self) -> BackendState:
@@ -121,6 +143,7 @@ class Backend:
         self.latency_at = time.monotonic() if at is None else at
 
     def as_status(self) -> dict[str, object]:
+        recent = sorted(self.recent_ms)
         return {
             "url": self.url,
             "state": self.state.value,
@@ -132,6 +155,14 @@ class Backend:
             "failures_total": self.failures_total,
             "latency_ewma_ms": (
                 None if self.latency_ewma_ms is None else round(self.latency_ewma_ms, 3)
+            ),
+            "latency_p50_ms": _percentile(recent, 0.50),
+            "latency_p99_ms": _percentile(recent, 0.99),
+            "state_since": round(self.state_since, 3),
+            "last_check": (
+                None
+                if self.last_check_at is None
+                else {"ok": self.last_check_ok, "at": round(self.last_check_at, 3)}
             ),
         }
 

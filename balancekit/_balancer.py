@@ -25,6 +25,7 @@ from ._forwarding import TrustedProxies
 from ._plugins import PluginManager, make_plugin_manager
 from ._pool import Pool
 from ._routing import Route, RouteTable
+from .metrics import Metrics, available as metrics_available
 from .stores import GuardedStore, MemoryStore, RedisStore
 
 if TYPE_CHECKING:
@@ -61,6 +62,7 @@ class Balancer:
         *,
         plugin_manager: PluginManager | None = None,
         clock: Callable[[], float] = time.monotonic,
+        metrics_registry: Any = None,
     ) -> None:
         #: Every pool reads time here: ejection windows, slow-start ramps and
         #: latency sample ages. Tests pass a clock they move by hand.
@@ -83,6 +85,13 @@ class Balancer:
                 self.pools[name] = pool
         if problems:
             raise ConfigError(problems)
+        #: Prometheus metrics: on with the status path (when prometheus-client
+        #: is installed), or whenever a registry is given.
+        self.metrics: Metrics | None = None
+        if metrics_registry is not None or (self.config.status.enabled and metrics_available()):
+            self.metrics = Metrics(metrics_registry)
+            for name, pool in self.pools.items():
+                pool.metrics = self.metrics.pool(name)
         #: With a shared store, what keeps this process in step with the others.
         self.coordinator: Coordinator | None = None
         if isinstance(store, RedisStore):
@@ -338,9 +347,11 @@ class Balancer:
             self.routes = RouteTable(Route(r.prefix, r.pool, r.strip_prefix) for r in new.routes)
             self.pools = pools
             loops = [loop for loop in self._schedulers if not loop.is_closed()]
-        if self.coordinator is not None:
-            for pool in pools.values():
+        for name, pool in pools.items():
+            if self.coordinator is not None:
                 pool.on_change = self.coordinator.announce
+            if self.metrics is not None and pool.metrics is None:
+                pool.metrics = self.metrics.pool(name)
         if rebuilt:
             for loop in loops:
                 asyncio.run_coroutine_threadsafe(self._restart_checks(), loop)

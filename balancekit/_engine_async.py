@@ -288,7 +288,7 @@ class _Exchange:
                     if self.disconnected_during_body(exc):
                         self.disconnected = True  # says nothing of the backend
                         return
-                    attempts.release(ok=False)
+                    attempts.release(ok=False, code=exc.status_code)
                     if attempts.retry(exc, body_replayable=body is None or not body.started):
                         continue
                     await self._problem(exc)

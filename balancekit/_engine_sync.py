@@ -222,7 +222,7 @@ class SyncEngine:
                     if _caused_by_client(exc):
                         attempts.release(ok=True, timed=False)  # says nothing of the backend
                         raise ClientDisconnected from exc
-                    attempts.release(ok=False)
+                    attempts.release(ok=False, code=exc.status_code)
                     if attempts.retry(exc, body_replayable=body is None or not body.started):
                         continue
                     return self._problem(exc, request, target, pool, start_response)

@@ -118,24 +118,29 @@ class Attempts:
         # The pin holds for the first try; a retry goes elsewhere, and the
         # response then moves the pin.
         prefer = self.pinned if self.attempt == 1 else None
-        backend = self.backend = self.pool.acquire(
-            self.request, exclude=self.exclude, prefer=prefer
-        )
+        pool = self.pool
+        backend = self.backend = pool.acquire(self.request, exclude=self.exclude, prefer=prefer)
+        if pool.metrics is not None:
+            pool.metrics.acquired(backend)
         self.started = time.perf_counter()
         return backend
 
-    def release(self, *, ok: bool, timed: bool = True) -> float | None:
+    def release(self, *, ok: bool, timed: bool = True, code: int = 502) -> float | None:
         """Give the current backend back; its latency in ms when ``timed``.
 
         ``timed`` is False when the try ended for a reason that says nothing
-        of the backend's speed (the client left). Releasing twice is a no-op.
+        of the backend's speed (the client left). ``code`` is the status the
+        try ended with, for the metrics. Releasing twice is a no-op.
         """
         backend = self.backend
         if backend is None:
             return None
         self.backend = None
         latency = (time.perf_counter() - self.started) * 1000.0 if timed else None
-        self.pool.release(backend, ok=ok, latency_ms=latency)
+        pool = self.pool
+        pool.release(backend, ok=ok, latency_ms=latency)
+        if pool.metrics is not None:
+            pool.metrics.released(backend, code, None if latency is None else latency / 1000)
         if self.in_budget:
             self.pool.release_retry()
             self.in_budget = False
@@ -144,7 +149,7 @@ class Attempts:
 
     def answered(self, status: int) -> float | None:
         """The upstream's response ended: release with its verdict."""
-        return self.release(ok=not is_failure(status))
+        return self.release(ok=not is_failure(status), code=status)
 
     def retry(self, error: ProxyError, *, body_replayable: bool) -> bool:
         """After a released failed try: whether to try another backend."""
@@ -161,11 +166,14 @@ class Attempts:
         if not pool.try_acquire_retry():
             return False
         self.in_budget = True
+        if pool.metrics is not None:
+            pool.metrics.retried()
         return True
 
     def close(self, *, ok: bool = False) -> None:
-        """Settle on the way out: a backend still held is released as ``ok``."""
-        self.release(ok=ok, timed=False)
+        """Settle on the way out: a backend still held is released as ``ok``
+        (the client left: 499, as NGINX logs it) or failed."""
+        self.release(ok=ok, timed=False, code=499 if ok else 502)
         if self.in_budget:
             self.pool.release_retry()
             self.in_budget = False

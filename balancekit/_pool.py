@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from ._config import PoolConfig
     from ._request import RequestInfo
     from ._types import SupportsPick
+    from .metrics import PoolMetrics
     from .persistence import Persistence
 
 logger = logging.getLogger("balancekit")
@@ -76,6 +77,8 @@ class Pool:
         self.membership = 0
         #: The pool's session persistence, or None (set by the Balancer).
         self.persistence: Persistence | None = None
+        #: Prometheus metrics of this pool, when they are on (set by the Balancer).
+        self.metrics: PoolMetrics | None = None
         #: Told of every runtime change made through this pool's methods,
         #: and of ejections, so that other processes can follow (set by the
         #: Balancer when its store is shared).
@@ -191,6 +194,7 @@ class Pool:
             self.active_requests -= 1
             if latency_ms is not None:
                 backend.record_latency(latency_ms, failed=not ok, at=self._clock())
+                backend.recent_ms.append(latency_ms)
             if self._released is not None:
                 self._released(backend)
             if ok:
@@ -223,6 +227,8 @@ class Pool:
             self._ejected(backend, changed)
 
     def _ejected(self, backend: Backend, changed: tuple[BackendState, BackendState]) -> None:
+        if self.metrics is not None:
+            self.metrics.ejected(backend)
         self._notify(backend, *changed)
         if self.on_change is not None:
             seconds = backend.ejected_until - self._clock()
@@ -360,6 +366,8 @@ class Pool:
             backend.url,
             seconds,
         )
+        if self.metrics is not None:
+            self.metrics.ejected(backend)
         if old is not backend.state:
             self._notify(backend, old, backend.state)
 
@@ -537,5 +545,8 @@ class Pool:
             self._notify(backend, BackendState.EJECTED, backend.state)
 
     def _notify(self, backend: Backend, old: BackendState, new: BackendState) -> None:
+        backend.state_since = time.time()
+        if self.metrics is not None:
+            self.metrics.state_changed(backend, new)
         if self._on_state_change is not None:
             self._on_state_change(self, backend, old, new)

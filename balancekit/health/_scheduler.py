@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -95,11 +96,16 @@ class HealthScheduler:
             await asyncio.sleep(self.interval)
 
     async def _probe(self, backend: Backend) -> bool:
+        started = time.perf_counter()
         try:
-            return bool(await self.check.check(backend))
+            ok = bool(await self.check.check(backend))
         except Exception as exc:  # a check plugin's bug must not stop the checks
             logger.error("health check %r failed on %s: %s", self.check.name, backend.url, exc)
-            return False
+            ok = False
+        backend.last_check_ok, backend.last_check_at = ok, time.time()
+        if self.pool.metrics is not None:
+            self.pool.metrics.health_checked(backend, time.perf_counter() - started)
+        return ok
 
     async def _shared_round(self, coordinator: Coordinator, backend: Backend, mine: bool) -> None:
         # The lease holder probes and records; everyone adopts the verdict.

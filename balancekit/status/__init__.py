@@ -56,6 +56,13 @@ class StatusEndpoint:
             return _answer(200, b"application/json", body)
         if rest == "":
             return _answer(200, b"text/html; charset=utf-8", render_page(self.balancer))
+        if rest == "metrics":
+            metrics = self.balancer.metrics
+            if metrics is None:
+                body = b"metrics need prometheus-client: pip install 'balancekit[prometheus]'\n"
+                return _answer(404, b"text/plain; charset=utf-8", body)
+            body, content_type = metrics.exposition()
+            return _answer(200, content_type, body)
         return _answer(404, b"text/plain; charset=utf-8", b"not found\n")
 
     async def handle(
@@ -77,57 +84,150 @@ def _answer(
     return status, headers, body
 
 
+#: Columns of the status table: heading, and the status.json field shown.
+COLUMNS = (
+    ("pool", "pool"),
+    ("backend", "url"),
+    ("state", "state"),
+    ("weight", "weight"),
+    ("in flight", "active_requests"),
+    ("req/s", "rps"),
+    ("p50 ms", "latency_p50_ms"),
+    ("p99 ms", "latency_p99_ms"),
+    ("requests", "requests_total"),
+    ("failures", "failures_total"),
+    ("last check", "last_check"),
+    ("last minutes", "spark"),
+)
+
+
+def _cell(backend: dict[str, object], field: str) -> str:
+    value = backend.get(field)
+    if field in ("rps", "spark"):
+        return "-"
+    if field == "last_check":
+        check = backend.get("last_check")
+        return "-" if not isinstance(check, dict) else ("pass" if check.get("ok") else "FAIL")
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    return str(value)
+
+
 def render_page(balancer: Balancer) -> bytes:
-    """A plain HTML table of every pool and backend; refreshes every 2 s."""
+    """The dashboard: a plain table that a script keeps live (status.json
+    every 2 s: states, req/s, latency and a sparkline per backend). Without
+    JavaScript the table is still there, refreshed by the page every 5 s.
+    Self-contained: nothing is fetched from anywhere else."""
     rows = []
     for name, pool in balancer.status()["pools"].items():
         for b in pool["backends"]:
-            latency = "-" if b["latency_ewma_ms"] is None else f"{b['latency_ewma_ms']:.1f}"
-            cells = [
-                name,
-                pool["algorithm"],
-                b["url"],
-                b["state"],
-                b["weight"],
-                b["active_requests"],
-                b["requests_total"],
-                b["failures_total"],
-                latency,
-            ]
-            tds = "".join(f"<td>{html.escape(str(c))}</td>" for c in cells)
-            rows.append(f'<tr class="{b["state"]}">{tds}</tr>')
-    head = "".join(
-        f"<th>{h}</th>"
-        for h in (
-            "pool",
-            "algorithm",
-            "backend",
-            "state",
-            "weight",
-            "in flight",
-            "requests",
-            "failures",
-            "latency ms (EWMA)",
-        )
-    )
-    page = f"""<!doctype html>
+            b = {**b, "pool": name}
+            cells = "".join(
+                f'<td data-label="{html.escape(label)}">{html.escape(_cell(b, field))}</td>'
+                for label, field in COLUMNS
+            )
+            rows.append(f'<tr class="{b["state"]}">{cells}</tr>')
+    head = "".join(f"<th>{html.escape(label)}</th>" for label, _ in COLUMNS)
+    return (
+        _PAGE.replace("{head}", head).replace("{rows}", "".join(rows)).replace("{script}", _SCRIPT)
+    ).encode()
+
+
+_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<meta http-equiv="refresh" content="2">
-<title>balancekit status</title>
+<noscript><meta http-equiv="refresh" content="5"></noscript>
+<title>balancekit</title>
 <style>
-body{{font:14px system-ui,sans-serif;margin:1.5rem}}
-table{{border-collapse:collapse}}
-td,th{{padding:.3rem .7rem;border-bottom:1px solid #ddd;text-align:left}}
-.healthy td:nth-child(4){{color:#17692a}}
-.unhealthy td:nth-child(4),.ejected td:nth-child(4){{color:#b3261e}}
-.draining td:nth-child(4),.disabled td:nth-child(4){{color:#8a5a00}}
+:root{--ok:#17692a;--bad:#b3261e;--warn:#8a5a00;--line:#ddd;font:14px system-ui,sans-serif}
+body{margin:1rem 1.5rem;color:#1d1d1f}
+h1{font-size:1.3rem;margin:.2rem 0 .8rem}
+#meta{color:#666;margin-bottom:.8rem}
+table{border-collapse:collapse;width:100%}
+th,td{padding:.35rem .6rem;border-bottom:1px solid var(--line);text-align:left;white-space:nowrap}
+th{font-weight:600;background:#f6f6f6}
+td[data-label="state"]{font-weight:600}
+tr.healthy td[data-label="state"]{color:var(--ok)}
+tr.unhealthy td[data-label="state"],tr.ejected td[data-label="state"]{color:var(--bad)}
+tr.draining td[data-label="state"],tr.disabled td[data-label="state"]{color:var(--warn)}
+td[data-label="state"]::before{content:"\25CF  "}
+svg{display:block}
+@media (max-width:700px){
+ thead{display:none}
+ table,tbody,tr,td{display:block;width:auto}
+ tr{border:1px solid var(--line);border-radius:6px;margin:0 0 .8rem;padding:.3rem}
+ td{border:0;padding:.15rem .4rem;white-space:normal}
+ td::before{content:attr(data-label) ": ";color:#666;font-weight:400}
+ td[data-label="state"]::before{content:"state: \25CF  "}
+}
 </style></head><body>
 <h1>balancekit</h1>
-<table><thead><tr>{head}</tr></thead><tbody>
-{"".join(rows)}
-</tbody></table>
-<p><a href="status.json">status.json</a></p>
+<div id="meta">live from <a href="status.json">status.json</a>, every 2 s</div>
+<table><thead><tr>{head}</tr></thead><tbody id="rows">{rows}</tbody></table>
+<script>{script}</script>
 </body></html>
 """
-    return page.encode()
+
+_SCRIPT = r"""
+(function () {
+  var history = {}, last = {}, labels = ["pool", "backend", "state", "weight", "in flight",
+    "req/s", "p50 ms", "p99 ms", "requests", "failures", "last check", "last minutes"];
+  function num(v, digits) { return v === null || v === undefined ? "-" : v.toFixed(digits); }
+  function spark(points) {
+    if (points.length < 2) return "";
+    var w = 120, h = 24, max = Math.max.apply(null, points.concat([1]));
+    var step = w / (points.length - 1), d = points.map(function (p, i) {
+      return (i * step).toFixed(1) + "," + (h - 2 - (p / max) * (h - 4)).toFixed(1);
+    }).join(" ");
+    return '<svg width="' + w + '" height="' + h + '" role="img" aria-label="requests per ' +
+      'second, last minutes"><polyline fill="none" stroke="#3367d6" stroke-width="1.5" ' +
+      'points="' + d + '"/></svg>';
+  }
+  function cell(label, text, html) {
+    var td = document.createElement("td");
+    td.setAttribute("data-label", label);
+    if (html) td.innerHTML = html; else td.textContent = text;
+    return td;
+  }
+  function render(status, now) {
+    var body = document.createElement("tbody");
+    body.id = "rows";
+    Object.keys(status.pools).forEach(function (name) {
+      var pool = status.pools[name];
+      pool.backends.forEach(function (b) {
+        var key = name + " " + b.url, prev = last[key], rps = null;
+        if (prev && now > prev.at) {
+          rps = Math.max(0, (b.requests_total - prev.total) / ((now - prev.at) / 1000));
+        }
+        last[key] = {total: b.requests_total, at: now};
+        var points = (history[key] || []).concat(rps === null ? [] : [rps]).slice(-90);
+        history[key] = points;
+        var check = b.last_check ? (b.last_check.ok ? "pass" : "FAIL") : "-";
+        var tr = document.createElement("tr");
+        tr.className = b.state;
+        [name, b.url, b.state, String(b.weight), String(b.active_requests), num(rps, 1),
+         num(b.latency_p50_ms, 1), num(b.latency_p99_ms, 1), String(b.requests_total),
+         String(b.failures_total), check].forEach(function (text, i) {
+          tr.appendChild(cell(labels[i], text));
+        });
+        tr.appendChild(cell(labels[11], "", spark(points)));
+        body.appendChild(tr);
+      });
+    });
+    var old = document.getElementById("rows");
+    old.parentNode.replaceChild(body, old);
+    document.getElementById("meta").innerHTML = 'live from <a href="status.json' +
+      location.search + '">status.json</a>, updated ' + new Date(now).toLocaleTimeString();
+  }
+  function tick() {
+    fetch("status.json" + location.search, {cache: "no-store"})
+      .then(function (r) { return r.ok ? r.json() : Promise.reject(r.status); })
+      .then(function (status) { render(status, Date.now()); })
+      .catch(function (e) { document.getElementById("meta").textContent = "status.json: " + e; })
+      .finally(function () { setTimeout(tick, 2000); });
+  }
+  tick();
+})();
+"""
