@@ -192,10 +192,18 @@ def test_demo_serves_three_backends_and_its_status_page() -> None:
         running.wait_for(f"dashboard: {url}balancekit/")
         wait_until_serving(url + "balancekit/status.json")
         with httpx.Client() as client:
-            names = {client.get(url).json()["backend"] for _ in range(3)}
+            names = {client.get(url).json()["backend"] for _ in range(15)}  # shares the turns
             status = client.get(url + "balancekit/status.json").json()
         assert names == {"fast", "medium", "slow"}
         assert len(status["pools"]["demo"]["backends"]) == 3
+        deadline = time.monotonic() + 10
+        while True:  # its own traffic keeps the dashboard alive
+            status = httpx.get(url + "balancekit/status.json").json()
+            served = sum(b["requests_total"] for b in status["pools"]["demo"]["backends"])
+            if served > 20:
+                break
+            assert time.monotonic() < deadline, f"only {served} requests"
+            time.sleep(0.2)
         assert running.stop(signal.SIGINT) == 0
 
 

@@ -135,7 +135,7 @@ def render_page(balancer: Balancer) -> bytes:
     ).encode()
 
 
-_PAGE = """<!doctype html>
+_PAGE = r"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <noscript><meta http-equiv="refresh" content="5"></noscript>
@@ -152,7 +152,7 @@ td[data-label="state"]{font-weight:600}
 tr.healthy td[data-label="state"]{color:var(--ok)}
 tr.unhealthy td[data-label="state"],tr.ejected td[data-label="state"]{color:var(--bad)}
 tr.draining td[data-label="state"],tr.disabled td[data-label="state"]{color:var(--warn)}
-td[data-label="state"]::before{content:"\25CF  "}
+td[data-label="state"]::before{content:"\25CF\00a0"}
 svg{display:block}
 @media (max-width:700px){
  thead{display:none}
@@ -160,7 +160,7 @@ svg{display:block}
  tr{border:1px solid var(--line);border-radius:6px;margin:0 0 .8rem;padding:.3rem}
  td{border:0;padding:.15rem .4rem;white-space:normal}
  td::before{content:attr(data-label) ": ";color:#666;font-weight:400}
- td[data-label="state"]::before{content:"state: \25CF  "}
+ td[data-label="state"]::before{content:"state: \25CF\00a0";color:inherit}
 }
 </style></head><body>
 <h1>balancekit</h1>
