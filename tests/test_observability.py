@@ -147,7 +147,7 @@ def test_metrics_add_up_over_two_gunicorn_workers(upstreams, tmp_path: Path) -> 
                 assert process.poll() is None, process.communicate()[1]
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
-        pids = set()
+        pids: set[int] = set()
         sent = 0
         while len(pids) < 2 or sent < 30:  # new connections: both workers serve
             assert sent < 300, f"only workers {pids} answered"
