@@ -47,7 +47,8 @@ def check_balancekit(app_configs: Any = None, **kwargs: Any) -> list[Any]:
         messages.append(
             Warning(
                 "the status page is enabled without a token or an allow list",
-                hint="It shows backend addresses: set status.token or status.allow.",
+                hint="Only staff users who are logged in can read it then; a monitoring "
+                "system scraping metrics needs status.token or status.allow.",
                 id="balancekit.W001",
             )
         )

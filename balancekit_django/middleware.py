@@ -69,6 +69,8 @@ class BalanceMiddleware:
             return self.get_response(request)
         if isinstance(routed, HttpResponseBase):
             return routed
+        if isinstance(routed, _StatusRequest):
+            return self._status(request, routed.path, _is_staff(request))
         route, raw_path, path = routed
         balancer = runtime.balancer
         balancer.start_background()
@@ -91,12 +93,30 @@ class BalanceMiddleware:
             return await self.get_response(request)
         if isinstance(routed, HttpResponseBase):
             return routed
+        if isinstance(routed, _StatusRequest):
+            staff = await asyncio.to_thread(_is_staff, request)
+            return self._status(request, routed.path, staff)
         route, raw_path, path = routed
         return await _proxy_async(runtime.balancer, route, path, raw_path, request)
 
+    def _status(self, request: HttpRequest, path: str, staff: bool) -> HttpResponseBase:
+        """The status path: with no token and no allow list of its own, for
+        staff only (as the admin); else by its token and allow list."""
+        assert self.status is not None
+        config = self.runtime.balancer.config.status
+        if not config.token and not config.allow and not staff:
+            return _plain(403, [(b"content-type", b"text/plain; charset=utf-8")], b"staff only\n")
+        scope = getattr(request, "scope", None)
+        headers = scope["headers"] if scope is not None else environ_headers(request.META)
+        meta = request.META
+        answer = self.status.respond(
+            path, meta.get("REMOTE_ADDR", ""), headers, meta.get("QUERY_STRING", "")
+        )
+        return _plain(*answer)
+
     def _route(
         self, raw_text: str, request: HttpRequest
-    ) -> tuple[Route, str, str] | HttpResponseBase | None:
+    ) -> tuple[Route, str, str] | HttpResponseBase | _StatusRequest | None:
         """What to do: proxy on a route, answer here (a bad path, the status
         path), or (None) let Django have it."""
         balancer = self.runtime.balancer
@@ -108,17 +128,31 @@ class BalanceMiddleware:
             status, headers, body = bad_request(str(exc))
             return _plain(status, headers, body)
         if self.status is not None and self.status.matches(path):
-            scope = getattr(request, "scope", None)
-            headers = scope["headers"] if scope is not None else environ_headers(request.META)
-            answer = self.status.respond(
-                path,
-                request.META.get("REMOTE_ADDR", ""),
-                headers,
-                request.META.get("QUERY_STRING", ""),
-            )
-            return _plain(*answer)
+            return _StatusRequest(path)
         route = balancer.routes.match(path)
         return None if route is None else (route, raw_path, path)
+
+
+class _StatusRequest:
+    """The request is for the status path (answered once the user is known)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+
+def _is_staff(request: HttpRequest) -> bool:
+    """Whether the request's session is a staff user's. The middleware runs
+    before Django's session and auth middleware, so it asks them itself."""
+    from importlib import import_module
+
+    from django.conf import settings
+    from django.contrib.auth import get_user
+
+    if "django.contrib.sessions" not in settings.INSTALLED_APPS:
+        return False
+    engine = import_module(settings.SESSION_ENGINE)
+    request.session = engine.SessionStore(request.COOKIES.get(settings.SESSION_COOKIE_NAME))
+    return bool(getattr(get_user(request), "is_staff", False))
 
 
 def _plain(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> HttpResponseBase:

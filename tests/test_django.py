@@ -228,3 +228,17 @@ def test_the_admin_in_a_real_browser(live_server, browser, fresh_runtime, upstre
     assert sum("disabled" in text for text in states) == 1
     browser.save_screenshot(str(ARTIFACTS / "django-admin-backends.png"))
     assert fresh_runtime.balancer.pools["web"].backend(upstreams[1].url).state.value == "disabled"
+
+
+@override_settings(BALANCEKIT={"status": {"enabled": True}})
+def test_the_status_path_is_for_staff_by_default(monkeypatch) -> None:
+    made = Runtime()
+    monkeypatch.setattr(runtime_module, "_runtime", made)
+    client = Client()
+    assert client.get("/balancekit/status.json").status_code == 403
+    client.force_login(User.objects.create_user("visitor", password="pw"))
+    assert client.get("/balancekit/status.json").status_code == 403
+    client.force_login(User.objects.create_user("op", password="pw", is_staff=True))
+    answer = client.get("/balancekit/status.json")
+    assert answer.status_code == 200 and b"pools" in b"".join(answer.streaming_content)
+    made.balancer.close()
