@@ -34,7 +34,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_TIMEOUTS = {"connect": 5.0, "read": 60.0, "write": 60.0}
 DEFAULT_RETRIES = {"attempts": 2, "budget_percent": 20}
-TRANSPORTS = ("aiohttp", "httpx")
+TRANSPORTS = ("aiohttp", "httpx", "httptools")
 
 
 def _positive_int(value: int) -> int:

@@ -8,7 +8,8 @@ and all get the same one. Targets:
 - the backend directly (the ceiling of this setup, no proxy),
 - balancekit's ``BalanceMiddleware`` under uvicorn (httptools, lifespan on,
   access log off), round robin over the three backends, aiohttp transport,
-- the same with ``transport = "httpx"``,
+- the same with ``transport = "httpx"``, and with ``transport = "httptools"``
+  (balancekit's own client),
 - a minimal hand-written aiohttp proxy under uvicorn (``_apps.reference``):
   the reference for what Python does with the same client,
 - NGINX (master + 1 worker, upstream keepalive 32), when installed.
@@ -67,6 +68,7 @@ N_BACKENDS = 3
 BACKEND = "backend directly"
 BALANCEKIT = "balancekit (aiohttp)"
 BALANCEKIT_HTTPX = "balancekit (httpx)"
+BALANCEKIT_FAST = "balancekit (httptools)"
 REFERENCE = "reference aiohttp proxy"
 NGINX = "nginx"
 
@@ -474,6 +476,7 @@ def start_targets(processes: list[Popen], prefix: Path) -> list[Target]:
     plan = [
         (BALANCEKIT, "_apps:balancekit_app", {"BENCH_TRANSPORT": "aiohttp"}),
         (BALANCEKIT_HTTPX, "_apps:balancekit_app", {"BENCH_TRANSPORT": "httpx"}),
+        (BALANCEKIT_FAST, "_apps:balancekit_app", {"BENCH_TRANSPORT": "httptools"}),
         (REFERENCE, "_apps:reference", {}),
     ]
     for name, app, extra in plan:
@@ -503,7 +506,7 @@ def run(args: argparse.Namespace, prefix: Path, processes: list[Popen]) -> dict[
             measure(target, args.duration, args.connections)
         print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr)
     rows = summarize(targets)
-    checks = {name: goals(rows[name]) for name in (BALANCEKIT, BALANCEKIT_HTTPX)}
+    checks = {name: goals(rows[name]) for name in (BALANCEKIT, BALANCEKIT_HTTPX, BALANCEKIT_FAST)}
     print_table(rows)
     print_goals(checks)
     if args.profile:

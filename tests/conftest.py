@@ -158,7 +158,7 @@ def closed_port_url() -> str:
     return f"http://127.0.0.1:{free_port()}"
 
 
-@pytest.fixture(params=["aiohttp", "httpx"])
+@pytest.fixture(params=["aiohttp", "httpx", "httptools"])
 def transport(request: pytest.FixtureRequest) -> str:
     """Every engine test runs over each async transport."""
     return str(request.param)
@@ -166,7 +166,7 @@ def transport(request: pytest.FixtureRequest) -> str:
 
 #: The proxy suites run on every engine: ASGI over each async transport,
 #: WSGI (under werkzeug) over each sync one.
-ENGINES = ["aiohttp", "httpx", "wsgi", "wsgi-httpx"]
+ENGINES = ["aiohttp", "httpx", "httptools", "wsgi", "wsgi-httpx"]
 
 
 def asgi_only(transport: str, why: str) -> None:

@@ -50,7 +50,7 @@ def balanced(
     """
     wsgi = transport.startswith("wsgi")
     config = {
-        "transport": "httpx" if transport.endswith("httpx") else "aiohttp",
+        "transport": ("httpx" if transport.endswith("httpx") else "aiohttp") if wsgi else transport,
         "pools": {"api": pool_config(urls, **(pool or {}))},
         "routes": [{"prefix": prefix, "pool": "api", "strip_prefix": strip_prefix}],
         **top,

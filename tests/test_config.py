@@ -172,7 +172,7 @@ def _pool(**pool: Any) -> dict[str, Any]:
         ),
         pytest.param(
             {"transport": "curl"},
-            "transport: must be one of 'aiohttp', 'httpx', got 'curl'",
+            "transport: must be one of 'aiohttp', 'httpx', 'httptools', got 'curl'",
             id="transport",
         ),
         pytest.param(

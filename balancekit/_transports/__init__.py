@@ -108,6 +108,10 @@ def make_async_transport(name: str) -> AsyncTransport:
         from .httpx import HttpxTransport
 
         return HttpxTransport()
+    if name == "httptools":
+        from .fast import FastTransport
+
+        return FastTransport()
     from .aiohttp import AiohttpTransport
 
     return AiohttpTransport()

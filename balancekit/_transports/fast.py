@@ -1,0 +1,437 @@
+"""``transport = "httptools"``: balancekit's own HTTP/1.1 client.
+
+asyncio Protocols and httptools' response parser, with nothing between the
+socket and the engine but a keep-alive pool per backend:
+
+- connections are reused last-in first-out (the warmest first), at most
+  ``IDLE_PER_BACKEND`` kept idle, each for at most ``IDLE_SECONDS``; one
+  that the backend closed, or that received bytes while idle, is dropped
+  on checkout;
+- a request whose reused connection dies before any byte of an answer is
+  sent again once on a fresh connection when that is safe (no body, or
+  a body not yet read), as browsers and NGINX do for stale keep-alives;
+- bodies stream both ways with back-pressure: the upstream's bytes pause
+  the socket when ``READ_BUFFER`` is waiting unread, the request body waits
+  for the socket to drain;
+- connect, read (per wait) and write (per drain) timeouts; TLS for
+  ``https://`` backends, verified against the system's CAs.
+
+A HEAD answer, or any answer whose body is not read to its end, closes its
+connection rather than risk its leftovers answering the next request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+import time
+from collections.abc import AsyncIterable
+from typing import TYPE_CHECKING
+
+import httptools
+
+from .._exceptions import (
+    ProxyError,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
+
+if TYPE_CHECKING:
+    from .._backend import Backend
+    from .._config import TimeoutsConfig
+    from .._types import RawHeaders
+
+IDLE_PER_BACKEND = 100
+IDLE_SECONDS = 30.0
+#: Unread upstream bytes at which the socket stops being read.
+READ_BUFFER = 256 * 1024
+
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+
+class _Stale(Exception):
+    """A reused connection died before any byte of an answer."""
+
+
+class _Connection(asyncio.Protocol):
+    """One upstream connection; one exchange at a time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.idle_since = 0.0
+        self.reused = False
+        self._reset()
+        self._drained: asyncio.Future[None] | None = None
+        self._paused_writing = False
+
+    def _reset(self) -> None:
+        self.head: asyncio.Future[None] = self.loop.create_future()
+        self.status = 0
+        self.headers: RawHeaders = []
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.buffered = 0
+        self.complete = False
+        self.keep_alive = False
+        self.error: BaseException | None = None
+        self.got_bytes = False
+        self.reading_paused = False
+        self.waiter: asyncio.Future[None] | None = None
+        self.active = False
+
+    # --- asyncio.Protocol -----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if not self.active or self.complete:
+            # Bytes nobody asked for: this connection can never be trusted again.
+            self.close()
+            return
+        self.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(UpstreamProtocolError("upstream switched protocols unasked", pool=""))
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamProtocolError(f"upstream sent a malformed response: {exc}", pool=""))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.active and not self.complete:
+            if not self.got_bytes and self.reused:
+                self._fail(_Stale())
+            elif self.head.done() and self._ends_at_close():
+                self.complete = True  # a body delimited by the connection's end
+                self._wake()
+            else:
+                self._fail(UpstreamError("upstream closed the connection", pool=""))
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_exception(ConnectionResetError("upstream closed the connection"))
+
+    def pause_writing(self) -> None:
+        self._paused_writing = True
+
+    def resume_writing(self) -> None:
+        self._paused_writing = False
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    # --- httptools callbacks -----------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.complete:  # a second answer to one request: never reuse this one
+            self.close()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.complete:
+            self.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        if self.complete:
+            return
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            self.headers = []  # an interim answer (100 Continue): the real one follows
+            return
+        self.status = status
+        if not self.head.done():
+            self.head.set_result(None)
+
+    def on_body(self, body: bytes) -> None:
+        if self.complete:
+            return
+        self.chunks.append(body)
+        self.buffered += len(body)
+        if self.buffered >= READ_BUFFER and not self.reading_paused and self.transport:
+            self.reading_paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if self.status == 0 or self.complete:
+            return  # the end of an interim answer
+        # Asked now: the parser forgets the message's flags once it is over.
+        self.keep_alive = self.parser.should_keep_alive()
+        self.complete = True
+        self._wake()
+
+    # --- helpers -------------------------------------------------------------------
+
+    def _ends_at_close(self) -> bool:
+        names = {name for name, _ in self.headers}
+        return b"content-length" not in names and b"transfer-encoding" not in names
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = error
+        if not self.head.done():
+            self.head.set_exception(error)
+            self.head.exception()  # retrieved: no "never retrieved" warning
+        self._wake()
+        self.close()
+
+    def gone(self) -> bool:
+        """Whether the connection is closed (it can close while we await)."""
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    async def drain(self, seconds: float) -> None:
+        if not self._paused_writing:
+            return
+        self._drained = self.loop.create_future()
+        try:
+            await asyncio.wait_for(self._drained, seconds)
+        finally:
+            self._drained = None
+
+    def start(self) -> None:
+        self._reset()
+        self.active = True
+        self.parser = httptools.HttpResponseParser(self)
+
+
+class FastResponse:
+    __slots__ = ("_conn", "_head_request", "_pool", "_pooled", "_read_timeout", "headers", "status")
+
+    def __init__(
+        self,
+        conn: _Connection,
+        pool: str,
+        read_timeout: float,
+        pooled: collections.deque[_Connection],
+        head_request: bool,
+    ) -> None:
+        self._conn = conn
+        self._pool = pool
+        self._read_timeout = read_timeout
+        self._pooled = pooled
+        self._head_request = head_request
+        self.status = conn.status
+        self.headers = conn.headers
+
+    async def read(self) -> bytes:
+        conn = self._conn
+        if self._head_request:
+            return b""
+        while True:
+            if conn.chunks:
+                chunk = conn.chunks.popleft()
+                conn.buffered -= len(chunk)
+                if conn.reading_paused and conn.buffered < READ_BUFFER // 2 and conn.transport:
+                    conn.reading_paused = False
+                    conn.transport.resume_reading()
+                return chunk
+            if conn.complete:
+                return b""
+            if conn.error is not None:
+                raise _as_proxy_error(conn.error, self._pool)
+            conn.waiter = conn.loop.create_future()
+            try:
+                await asyncio.wait_for(conn.waiter, self._read_timeout)
+            except TimeoutError:
+                conn.close()
+                raise UpstreamTimeout("upstream timed out", pool=self._pool) from None
+            finally:
+                conn.waiter = None
+
+    async def aclose(self) -> None:
+        conn = self._conn
+        reusable = (
+            conn.complete
+            and not conn.chunks
+            and not conn.closed
+            and not self._head_request
+            and conn.keep_alive
+        )
+        conn.active = False
+        if reusable and len(self._pooled) < IDLE_PER_BACKEND:
+            conn.idle_since = time.monotonic()
+            conn.reused = True
+            self._pooled.append(conn)
+        else:
+            conn.close()
+
+
+def _as_proxy_error(error: BaseException, pool: str) -> ProxyError:
+    if isinstance(error, ProxyError):
+        error.pool = pool
+        return error
+    return UpstreamError("upstream connection failed", pool=pool)
+
+
+class FastTransport:
+    name = "httptools"
+
+    def __init__(self) -> None:
+        self._idle: dict[tuple[str, int, bool], collections.deque[_Connection]] = {}
+        self._tls: ssl.SSLContext | None = None
+
+    def _checkout(
+        self, key: tuple[str, int, bool]
+    ) -> tuple[_Connection | None, collections.deque[_Connection]]:
+        pooled = self._idle.get(key)
+        if pooled is None:
+            pooled = self._idle[key] = collections.deque()
+        now = time.monotonic()
+        while pooled:
+            conn = pooled.pop()  # the warmest
+            if not conn.closed and now - conn.idle_since < IDLE_SECONDS:
+                return conn, pooled
+            conn.close()
+        return None, pooled
+
+    async def _connect(self, backend: Backend, timeouts: TimeoutsConfig, pool: str) -> _Connection:
+        loop = asyncio.get_running_loop()
+        tls = backend.scheme == "https"
+        if tls and self._tls is None:
+            self._tls = ssl.create_default_context()
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: _Connection(loop),
+                    backend.host,
+                    backend.port,
+                    ssl=self._tls if tls else None,
+                    server_hostname=backend.host if tls else None,
+                ),
+                timeouts.connect,
+            )
+        except TimeoutError:
+            raise UpstreamTimeout(
+                "upstream did not accept the connection in time", pool=pool, request_sent=False
+            ) from None
+        except (OSError, ssl.SSLError) as exc:
+            raise UpstreamConnectError("upstream refused the connection", pool=pool) from exc
+        return conn
+
+    async def send(
+        self,
+        backend: Backend,
+        method: str,
+        target: str,
+        headers: RawHeaders,
+        body: AsyncIterable[bytes] | None,
+        timeouts: TimeoutsConfig,
+        *,
+        pool: str,
+    ) -> FastResponse:
+        key = (backend.host, backend.port, backend.scheme == "https")
+        conn, pooled = self._checkout(key)
+        method_raw = method.encode("ascii")
+        head = _request_head(
+            method_raw, (backend.base_path + target).encode("latin-1"), headers, body
+        )
+        sent_body = False
+        for _ in range(2):
+            if conn is None:
+                conn = await self._connect(backend, timeouts, pool)
+            try:
+                sent_body = await self._write(conn, head, body, headers, timeouts, pool)
+                await self._wait_head(conn, timeouts.read, pool)
+            except _Stale:
+                conn.close()
+                # A kept-alive connection the backend had closed: safe to send
+                # again on a fresh one if the body was not consumed.
+                if sent_body or (body is not None and method_raw not in _IDEMPOTENT):
+                    raise UpstreamError("upstream closed the connection", pool=pool) from None
+                conn = None
+                continue
+            except BaseException:
+                conn.close()
+                raise
+            return FastResponse(conn, pool, timeouts.read, pooled, method_raw == b"HEAD")
+        raise UpstreamError("upstream closed the connection", pool=pool)
+
+    async def _write(
+        self,
+        conn: _Connection,
+        head: bytes,
+        body: AsyncIterable[bytes] | None,
+        headers: RawHeaders,
+        timeouts: TimeoutsConfig,
+        pool: str,
+    ) -> bool:
+        conn.start()
+        transport = conn.transport
+        if transport is None or conn.closed:
+            raise _Stale
+        transport.write(head)
+        if body is None:
+            return False
+        chunked = not any(name == b"content-length" for name, _ in headers)
+        started = False
+        try:
+            async for chunk in body:
+                started = True
+                if conn.gone():
+                    break
+                if chunked:
+                    if chunk:
+                        transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                else:
+                    transport.write(chunk)
+                await conn.drain(timeouts.write)
+            if chunked and not conn.gone():
+                transport.write(b"0\r\n\r\n")
+        except TimeoutError:
+            conn.close()
+            raise UpstreamTimeout(
+                "upstream did not read the request body in time", pool=pool
+            ) from None
+        except ConnectionResetError as exc:
+            if conn.error is not None and not conn.head.done():
+                raise _as_proxy_error(conn.error, pool) from exc
+        return started
+
+    async def _wait_head(self, conn: _Connection, seconds: float, pool: str) -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(conn.head), seconds)
+        except TimeoutError:
+            conn.close()
+            raise UpstreamTimeout("upstream timed out", pool=pool) from None
+        except _Stale:
+            raise
+        except ProxyError as exc:
+            exc.pool = pool
+            raise
+
+    async def aclose(self) -> None:
+        for pooled in self._idle.values():
+            while pooled:
+                pooled.pop().close()
+        self._idle.clear()
+
+
+def _request_head(
+    method: bytes, target: bytes, headers: RawHeaders, body: AsyncIterable[bytes] | None
+) -> bytes:
+    lines = [method + b" " + target + b" HTTP/1.1"]
+    has_length = False
+    for name, value in headers:
+        if name == b"content-length":
+            has_length = True
+        lines.append(name + b": " + value)
+    if body is not None and not has_length:
+        lines.append(b"transfer-encoding: chunked")
+    lines.append(b"")
+    lines.append(b"")
+    return b"\r\n".join(lines)
+
+
+__all__ = ["FastResponse", "FastTransport"]

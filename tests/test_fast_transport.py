@@ -1,0 +1,151 @@
+"""``transport = "httptools"``: what balancekit's own client must get right
+beyond the shared proxy suites (which run on it too): keep-alive reuse,
+stale connections, interim answers, bodies ended by close, HEAD."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.helpers import balanced
+from tests.test_hostile import ScriptedUpstream
+
+
+class CountingUpstream:
+    """A keep-alive server answering "ok" to every request, counting the
+    connections it accepted."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.requests = 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.1)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self._stop = False
+        self._threads: list[threading.Thread] = []
+        self._accept = threading.Thread(target=self._serve, daemon=True)
+        self._accept.start()
+
+    def _serve(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            thread = threading.Thread(target=self._handle, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(0.1)
+            data = b""
+            while not self._stop:
+                try:
+                    got = conn.recv(65536)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+                if not got:
+                    return
+                data += got
+                while b"\r\n\r\n" in data:
+                    request, _, data = data.partition(b"\r\n\r\n")
+                    self.requests += 1
+                    body = b"" if request.startswith(b"HEAD ") else b"ok"
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n" + body)
+
+    def close(self) -> None:
+        self._stop = True
+        self._accept.join(timeout=2)
+        for thread in self._threads:
+            thread.join(timeout=2)
+        self.sock.close()
+
+
+@pytest.fixture
+def counting() -> Iterator[CountingUpstream]:
+    upstream = CountingUpstream()
+    yield upstream
+    upstream.close()
+
+
+@pytest.fixture
+def scripted() -> Iterator[list[ScriptedUpstream]]:
+    made: list[ScriptedUpstream] = []
+    yield made
+    for upstream in made:
+        upstream.close()
+
+
+def test_one_upstream_connection_serves_many_requests(serve, counting) -> None:
+    server, balancer = balanced(serve, [counting.url], transport="httptools")
+    with httpx.Client(base_url=server.url) as client:
+        assert [client.get("/api/x").text for _ in range(20)] == ["ok"] * 20
+    assert counting.requests == 20
+    assert counting.connections == 1, "kept alive and reused"
+    assert balancer.pools["api"].active_requests == 0
+
+
+def test_a_connection_the_backend_closed_is_not_a_failed_request(serve, scripted) -> None:
+    # The backend answers without "Connection: close" and then closes: a
+    # pooled connection is dead by the next request.
+    upstream = ScriptedUpstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    scripted.append(upstream)
+    server, balancer = balanced(serve, [upstream.url], transport="httptools")
+    with httpx.Client(base_url=server.url) as client:
+        answers = [client.get("/api/x") for _ in range(10)]
+    assert [(a.status_code, a.text) for a in answers] == [(200, "ok")] * 10
+    assert balancer.pools["api"].backends[0].failures_total == 0
+
+
+def test_an_interim_100_continue_is_skipped(serve, scripted) -> None:
+    upstream = ScriptedUpstream(
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal",
+        keep_open=True,
+    )
+    scripted.append(upstream)
+    server, _ = balanced(serve, [upstream.url], transport="httptools")
+    answer = httpx.post(f"{server.url}/api/x", content=b"data", headers={"expect": "100-continue"})
+    assert (answer.status_code, answer.text) == (200, "final"), answer.text
+
+
+def test_a_body_ended_by_close(serve, scripted) -> None:
+    upstream = ScriptedUpstream(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end")
+    scripted.append(upstream)
+    server, _ = balanced(serve, [upstream.url], transport="httptools")
+    for _ in range(3):
+        answer = httpx.get(f"{server.url}/api/x")
+        assert (answer.status_code, answer.text) == (200, "until the end")
+
+
+def test_head_answers_have_no_body_and_do_not_poison_the_connection(serve, counting) -> None:
+    server, _ = balanced(serve, [counting.url], transport="httptools")
+    with httpx.Client(base_url=server.url) as client:
+        head = client.head("/api/x")
+        assert head.status_code == 200 and head.content == b""
+        assert head.headers["content-length"] == "2"
+        assert client.get("/api/x").text == "ok"
+
+
+def test_several_set_cookie_headers_and_odd_header_case(serve, scripted) -> None:
+    upstream = ScriptedUpstream(
+        b"HTTP/1.1 200 OK\r\nSET-COOKIE: a=1\r\nset-cookie: b=2\r\nX-Odd-Case: yes\r\n"
+        b"Content-Length: 2\r\n\r\nok",
+        keep_open=True,
+    )
+    scripted.append(upstream)
+    server, _ = balanced(serve, [upstream.url], transport="httptools")
+    answer = httpx.get(f"{server.url}/api/x")
+    assert answer.headers.get_list("set-cookie") == ["a=1", "b=2"]
+    assert answer.headers["x-odd-case"] == "yes"
