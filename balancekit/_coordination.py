@@ -51,12 +51,19 @@ RECONCILE_INTERVAL = 2.0
 LEASE_SHARE = 0.9
 #: Seconds to wait before subscribing again after the channel failed.
 RESUBSCRIBE_DELAY = 1.0
+#: Seconds a shutdown waits for the coordination tasks and connections.
+STOP_TIMEOUT = 2.0
 
 _ADMIN_OPS = frozenset({"add", "remove", "drain", "disable", "enable", "weight"})
 #: Kept in the store, not broadcast: failure streaks counted across processes.
 _COUNTING_OPS = frozenset({"failure", "recovered"})
 #: A failure streak nobody added to for this long is forgotten.
 FAILURE_MEMORY_MS = 60_000
+
+
+async def _close_quietly(pubsub: Any) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(pubsub.aclose(), STOP_TIMEOUT)
 
 
 def _admin_key(pool: str) -> str:
@@ -109,6 +116,7 @@ class Coordinator:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[tuple[str, dict[str, Any]]] | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._pubsub: Any = None
         self._failing = False
         for pool in balancer.pools.values():
             pool.on_change = self.announce
@@ -180,7 +188,7 @@ class Coordinator:
 
     async def _subscriber(self) -> None:
         while True:
-            pubsub = self.store.async_client().pubsub()
+            pubsub = self._pubsub = self.store.async_client().pubsub()
             try:
                 await pubsub.subscribe(CHANNEL)
                 async for message in pubsub.listen():
@@ -188,9 +196,7 @@ class Coordinator:
                         self._apply(message["data"])
             except Exception as exc:
                 self._trouble("lost the change channel", exc)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                await _close_quietly(pubsub)
             await asyncio.sleep(RESUBSCRIBE_DELAY)
 
     def _apply(self, raw: str) -> None:
@@ -298,9 +304,11 @@ class Coordinator:
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if tasks:  # bounded: a stuck Redis call must not hold up a shutdown
+            await asyncio.wait(tasks, timeout=STOP_TIMEOUT)
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            await _close_quietly(pubsub)
         self._loop = self._queue = None
 
     def _trouble(self, what: str, exc: BaseException) -> None:

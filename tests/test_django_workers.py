@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -86,6 +87,7 @@ def server(env: dict[str, str], kind: str) -> Iterator[str]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # its workers too can be ended, by process group
     )
     url = f"http://127.0.0.1:{port}"
     stderr = ""
@@ -105,8 +107,8 @@ def server(env: dict[str, str], kind: str) -> Iterator[str]:
         try:
             _, stderr = process.communicate(timeout=20)
         except subprocess.TimeoutExpired:
-            process.kill()
-            _, stderr = process.communicate()
+            os.killpg(process.pid, signal.SIGKILL)  # the group we started
+            _, stderr = process.communicate(timeout=10)
         print(f"--- {kind} stderr ---\n{stderr[-3000:]}")
     assert "Traceback" not in stderr, stderr
 

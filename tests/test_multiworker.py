@@ -106,6 +106,7 @@ def workers(config: Path) -> Iterator[Workers]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # its workers too can be ended, by process group
     )
     running = Workers(f"http://127.0.0.1:{port}", process)
     try:
@@ -124,8 +125,9 @@ def workers(config: Path) -> Iterator[Workers]:
         try:
             process.communicate(timeout=20)
         except subprocess.TimeoutExpired:
-            process.kill()
-            process.communicate()
+            os.killpg(process.pid, signal.SIGKILL)  # the group we started
+            process.communicate(timeout=10)
+            raise AssertionError("uvicorn did not shut down within 20 s") from None
 
 
 def probes_per_interval(counted, seconds: float) -> list[float]:
