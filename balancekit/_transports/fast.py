@@ -130,7 +130,9 @@ class _Connection(asyncio.Protocol):
             self.close()
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self.complete:
+        # After the head, httptools reports a chunked body's trailer fields
+        # here too: dropped, as aiohttp and httpx drop them.
+        if not self.head.done():
             self.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
