@@ -112,7 +112,13 @@ def normalize_path(raw_path: str) -> tuple[str, str]:
     section 6.2.2.2), so ``/api/%2e%2e/admin`` cannot slip past a route. A
     decoded path that still holds dot segments (from ``%2F``) is refused, so
     that the route and the backend cannot read the path differently.
+
+    A target that is not a path (``OPTIONS *``, or garbage) is returned as
+    it is: no route can match it (every prefix starts with "/"), so it is
+    the app's to answer, and its dots are never resolved into one that could.
     """
+    if raw_path[:1] != "/":
+        return raw_path, raw_path
     if "%" not in raw_path:
         resolved = remove_dot_segments(raw_path)
         return resolved, resolved

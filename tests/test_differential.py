@@ -107,6 +107,7 @@ SCRIPTS: dict[str, Callable[[], list[Step]]] = {
     "http10": lambda: [b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nold school", "close"],
     "garbage": lambda: [b"NOT HTTP AT ALL\r\n\r\n", "close"],
     "bad-status": lambda: [b"HTTP/1.1 999 Nine\r\nContent-Length: 0\r\n\r\n"],
+    "no-status-class": lambda: [b"HTTP/1.1 052 OK\r\nContent-Length: 0\r\n\r\n"],
 }
 
 
@@ -333,6 +334,7 @@ CLIENTS: dict[str, Callable[[], list[ClientStep]]] = {
     "http10": lambda: [request("GET", "http10")],
     "garbage": lambda: [request("GET", "garbage")],
     "bad-status": lambda: [request("GET", "bad-status")],
+    "no-status-class": lambda: [request("GET", "no-status-class")],
 }
 
 
@@ -447,6 +449,7 @@ def test_same_exchange_on_every_transport(
     expected_status = {
         "garbage": 502,
         "bad-status": 502,
+        "no-status-class": 502,
         "reset-before-head": 502,
         "close-before-head": 502,
     }.get(case)

@@ -136,3 +136,12 @@ def test_match_agrees_with_a_linear_scan(segments: list[str]) -> None:
     expected = max(candidates, key=len) if candidates else None
     route = RouteTable(Route(p, p) for p in prefixes).match(path)
     assert (route.pool if route else None) == expected
+
+
+def test_a_target_that_is_not_a_path_is_never_routed() -> None:
+    # Found by fuzz/fuzz_request.py: "x/./api/y" once resolved to "/api/y".
+    routes = RouteTable([Route("/", "p")])
+    for target in ("*", "x/./api/y", "*a/ix&", "a/../b"):
+        raw, path = normalize_path(target)
+        assert (raw, path) == (target, target)
+        assert routes.match(path) is None

@@ -139,6 +139,9 @@ class _Connection(asyncio.Protocol):
         if self.complete:
             return
         status = self.parser.get_status_code()
+        if status < 100:  # three digits, but no status class (found by fuzzing)
+            self._fail(UpstreamProtocolError(f"upstream sent status {status:03d}", pool=""))
+            return
         if 100 <= status < 200 and status != 101:
             self.headers = []  # an interim answer (100 Continue): the real one follows
             return
