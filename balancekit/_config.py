@@ -235,7 +235,7 @@ class BalancerConfig(_Model):
     secret: Annotated[str | list[str] | None, BeforeValidator(_secrets)] = None
     store: str = "memory://"
     trusted_proxies: CIDRList = ()
-    transport: str = "aiohttp"
+    transport: str = "httptools"
     access_log: bool = False
     pools: dict[str, PoolConfig] = Field(default_factory=dict)
     routes: list[RouteConfig] = Field(default_factory=list)

@@ -31,7 +31,11 @@ def problem_response(error: ProxyError) -> tuple[int, list[tuple[bytes, bytes]],
     return error.status_code, headers, payload
 
 
-_TITLES = {400: "Bad Request", 431: "Request Header Fields Too Large"}
+_TITLES = {
+    400: "Bad Request",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+}
 
 
 def bad_request(detail: str, *, status: int = 400) -> tuple[int, list[tuple[bytes, bytes]], bytes]:

@@ -173,8 +173,21 @@ def _server(app: Any, **options: Any) -> Any:
     show_default=True,
     help="The algorithm for --backend pools.",
 )
+@click.option(
+    "--server",
+    "server_kind",
+    type=click.Choice(["balancekit", "uvicorn"]),
+    default="balancekit",
+    show_default=True,
+    help="balancekit's lean HTTP/1.1 server, or uvicorn's.",
+)
 def serve(
-    config: str | None, host: str, port: int, backends: tuple[str, ...], algorithm: str
+    config: str | None,
+    host: str,
+    port: int,
+    backends: tuple[str, ...],
+    algorithm: str,
+    server_kind: str,
 ) -> None:
     """Run a standalone balancer for CONFIG, or for --backend URLs."""
     from .asgi import BalanceMiddleware
@@ -192,10 +205,35 @@ def serve(
     click.echo(f"balancekit serving on {_url(sock)} (Ctrl-C to stop)")
     for name, pool in balancer.pools.items():
         click.echo(f"  pool {name}: {len(pool.backends)} backends, {pool.algorithm.name}")
-    server = _server(BalanceMiddleware(_not_found, balancer=balancer))
-    with _stopped_by_signals():
-        server.run(sockets=[sock])
+    app = BalanceMiddleware(_not_found, balancer=balancer)
+    if server_kind == "uvicorn":
+        with _stopped_by_signals():
+            _server(app).run(sockets=[sock])
+    else:
+        _run_lean(app, sock)
     click.echo("balancekit stopped")
+
+
+def _run_lean(app: Any, sock: socket.socket) -> None:
+    """Serve ``app`` on the lean server until SIGINT or SIGTERM, then drain."""
+    from ._server import LeanServer
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        server = LeanServer(app)
+        await server.start([sock])
+        await stop.wait()
+        await server.shutdown()
+
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main())
+    else:
+        uvloop.run(main())
 
 
 async def _check_round(balancer: Balancer) -> list[tuple[str, str, str, str]]:

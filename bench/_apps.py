@@ -84,13 +84,26 @@ async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": b""})
 
 
+def balancekit_config(transport: str, backends: list[str]) -> dict[str, Any]:
+    """The full request path: round robin, an active health check, status
+    counters (and their page), X-Forwarded-* (always on)."""
+    return {
+        "transport": transport,
+        "pools": {
+            "p": {
+                "backends": backends,
+                "algorithm": "round_robin",
+                "health_check": {"type": "http", "path": "/health", "interval": 2},
+            }
+        },
+        "routes": [{"prefix": "/", "pool": "p"}],
+        "status": {"enabled": True, "path": "/_balancekit/"},
+    }
+
+
 balancekit_app = BalanceMiddleware(
     _not_found,
-    config={
-        "transport": os.environ.get("BENCH_TRANSPORT", "aiohttp"),
-        "pools": {"p": {"backends": BACKENDS}},
-        "routes": [{"prefix": "/", "pool": "p"}],
-    },
+    config=balancekit_config(os.environ.get("BENCH_TRANSPORT", "aiohttp"), BACKENDS),
 )
 
 _turn = itertools.cycle(BACKENDS or ["http://127.0.0.1:1"])

@@ -1,18 +1,25 @@
 """How fast is balancekit as a proxy, next to what Python and NGINX can do?
 
-Method. Three fast Python backends (a raw ASGI app answering 100 bytes, uvicorn
-+ httptools, one worker each) and wrk (-t1 -c32, keep-alive) share core 0;
+Method. Three fast backends and wrk (-t1 -c32, keep-alive) share core 0;
 every proxy under test runs alone on core 1, so each is limited by its own CPU
-and all get the same one. Targets:
+and all get the same one. Backends (``--backends``): Python (a raw ASGI app
+answering 100 bytes, uvicorn + httptools, one worker each) or NGINX (one
+worker serving the same 100 bytes from three ports), or both in turn.
+Targets:
 
 - the backend directly (the ceiling of this setup, no proxy),
 - balancekit's ``BalanceMiddleware`` under uvicorn (httptools, lifespan on,
-  access log off), round robin over the three backends, aiohttp transport,
-- the same with ``transport = "httpx"``, and with ``transport = "httptools"``
-  (balancekit's own client),
+  access log off) with ``transport = "aiohttp"``, and with
+  ``transport = "httptools"`` (balancekit's own client, the default),
+  and (``--with-httpx``) with ``transport = "httpx"``,
+- ``balancekit serve`` (its lean server, uvloop when installed, default
+  transport) for the same configuration,
 - a minimal hand-written aiohttp proxy under uvicorn (``_apps.reference``):
   the reference for what Python does with the same client,
 - NGINX (master + 1 worker, upstream keepalive 32), when installed.
+
+Every balancekit target runs the full request path: round robin, an HTTP
+health check every 2 s, status counters (and the status page), X-Forwarded-*.
 
 Before measuring, each target must answer 200 with the backend's body, and a
 proxy must reach all three backends, so an error page is never benchmarked.
@@ -24,16 +31,17 @@ a 1 s unmeasured wrk warm-up. Per target, over the rounds:
 - CPU us per request: utime + stime of the target's process tree (from
   /proc/PID/stat, so NGINX's master and worker both count) over the measured
   wrk run, divided by the requests wrk completed; median round,
-- peak RSS: VmHWM (from /proc/PID/status) at the end, summed over the tree,
+- idle RSS: VmRSS before the first measured run; peak RSS: VmHWM at the end,
+  each summed over the process tree,
 - p99 latency (median round) and failed requests (non-2xx and socket
   errors, summed over rounds; anything but 0 makes the numbers suspect).
 
 Every server is a subprocess of this script, pinned with taskset, stopped by
 PID on exit (also on Ctrl-C, SIGTERM or an error).
 
-    .venv/bin/python bench/proxy_bench.py            # 3 rounds of 5 s, about 100 s
+    .venv/bin/python bench/proxy_bench.py            # 5 rounds of 5 s per backend kind
     .venv/bin/python bench/proxy_bench.py --quick    # 1 round of 2 s
-    .venv/bin/python bench/proxy_bench.py --profile  # then py-spy on balancekit
+    .venv/bin/python bench/proxy_bench.py --profile  # then py-spy on balancekit serve
 """
 
 from __future__ import annotations
@@ -66,16 +74,18 @@ BODY = b"x" * 100
 N_BACKENDS = 3
 
 BACKEND = "backend directly"
-BALANCEKIT = "balancekit (aiohttp)"
-BALANCEKIT_HTTPX = "balancekit (httpx)"
-BALANCEKIT_FAST = "balancekit (httptools)"
+BALANCEKIT = "middleware (aiohttp)"
+BALANCEKIT_HTTPX = "middleware (httpx)"
+BALANCEKIT_FAST = "middleware (httptools)"
+SERVE = "balancekit serve"
 REFERENCE = "reference aiohttp proxy"
 NGINX = "nginx"
 
-#: The project's targets for balancekit.
-MIN_X_REFERENCE = 0.9
-MAX_CPU_US = 250.0
-MAX_RSS_MB = 60.0
+#: Issue 10's targets.
+SERVE_MIN_X_NGINX = 0.8
+SERVE_MAX_CPU_X_NGINX = 1.5
+SERVE_MAX_IDLE_RSS_MB = 40.0
+FAST_MIN_X_REFERENCE = 2.0
 
 Popen = subprocess.Popen[bytes]
 
@@ -157,12 +167,37 @@ http {{
 """
 
 
-def start_nginx(binary: str, port: int, backend_ports: list[int], prefix: Path) -> Popen:
+def nginx_backends_config(ports: list[int], prefix: Path) -> str:
+    servers = "\n".join(
+        f"  server {{ listen 127.0.0.1:{port}; location / {{ default_type text/plain; "
+        f'add_header x-backend backend-{i + 1}; return 200 "{BODY.decode()}"; }} }}'
+        for i, port in enumerate(ports)
+    )
+    return f"""\
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+{servers}
+}}
+"""
+
+
+def start_nginx(
+    binary: str, port: int, backend_ports: list[int], prefix: Path, *, static: bool = False
+) -> Popen:
+    prefix.mkdir(parents=True, exist_ok=True)
     conf = prefix / "nginx.conf"
-    conf.write_text(nginx_config(port, backend_ports, prefix))
+    if static:
+        conf.write_text(nginx_backends_config(backend_ports, prefix))
+    else:
+        conf.write_text(nginx_config(port, backend_ports, prefix))
     command = [binary, "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(conf),
                "-g", "daemon off;"]  # fmt: skip
-    return spawn(command, PROXY_CORE)
+    return spawn(command, CLIENT_CORE if static else PROXY_CORE)
 
 
 def stop(processes: list[Popen]) -> None:
@@ -224,14 +259,14 @@ def cpu_seconds(pid: int) -> float:
     return total / TICK
 
 
-def peak_rss_mb(pid: int) -> float:
+def peak_rss_mb(pid: int, field: str = "VmHWM") -> float:
     total_kb = 0
     for p in process_tree(pid):
         try:
             status = Path(f"/proc/{p}/status").read_text()
         except OSError:
             continue
-        found = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
+        found = re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE)
         total_kb += int(found.group(1)) if found else 0
     return total_kb / 1024
 
@@ -289,6 +324,7 @@ class Target:
     process: Popen
     runs: list[WrkRun] = field(default_factory=list)
     cpu_us: list[float] = field(default_factory=list)
+    idle_rss_mb: float = 0.0
 
     @property
     def url(self) -> str:
@@ -334,6 +370,7 @@ def summarize(targets: list[Target]) -> dict[str, Row]:
             "x_reference": round(rps / medians[REFERENCE], 3) if REFERENCE in medians else None,
             "x_nginx": round(rps / medians[NGINX], 3) if NGINX in medians else None,
             "cpu_us_per_request": round(statistics.median(t.cpu_us), 1),
+            "idle_rss_mb": round(t.idle_rss_mb, 1),
             "peak_rss_mb": round(peak_rss_mb(t.process.pid), 1),
             "p99_ms": round(statistics.median(r.p99_ms for r in t.runs), 2),
             "failed": sum(r.failed for r in t.runs),
@@ -343,23 +380,43 @@ def summarize(targets: list[Target]) -> dict[str, Row]:
     return rows
 
 
-def goals(row: Row) -> dict[str, dict[str, object]]:
-    """The project's targets for one balancekit row: value, target, met."""
-    x_ref, cpu, rss = row["x_reference"], row["cpu_us_per_request"], row["peak_rss_mb"]
-    assert isinstance(cpu, float) and isinstance(rss, float)
-    return {
-        "x_reference": {
-            "value": x_ref,
-            "target": f">= {MIN_X_REFERENCE}",
-            "met": isinstance(x_ref, float) and x_ref >= MIN_X_REFERENCE,
-        },
-        "cpu_us_per_request": {
-            "value": cpu,
-            "target": f"<= {MAX_CPU_US}",
-            "met": cpu <= MAX_CPU_US,
-        },
-        "peak_rss_mb": {"value": rss, "target": f"<= {MAX_RSS_MB}", "met": rss <= MAX_RSS_MB},
-    }
+def _goal(value: object, target: str, met: bool) -> dict[str, object]:
+    return {"value": value, "target": target, "met": met}
+
+
+def goals(rows: dict[str, Row]) -> dict[str, dict[str, dict[str, object]]]:
+    """Issue 10's targets: value, target, met."""
+    checks: dict[str, dict[str, dict[str, object]]] = {}
+    serve, nginx = rows.get(SERVE), rows.get(NGINX)
+    if serve is not None and nginx is not None:
+        x_nginx = serve["x_nginx"]
+        cpu_x = round(float(serve["cpu_us_per_request"]) / float(nginx["cpu_us_per_request"]), 2)  # type: ignore[arg-type]
+        checks[SERVE] = {
+            "x_nginx": _goal(
+                x_nginx,
+                f">= {SERVE_MIN_X_NGINX}",
+                float(x_nginx) >= SERVE_MIN_X_NGINX,  # type: ignore[arg-type]
+            ),
+            "cpu_x_nginx": _goal(
+                cpu_x, f"<= {SERVE_MAX_CPU_X_NGINX}", cpu_x <= SERVE_MAX_CPU_X_NGINX
+            ),
+            "idle_rss_mb": _goal(
+                serve["idle_rss_mb"],
+                f"<= {SERVE_MAX_IDLE_RSS_MB}",
+                float(serve["idle_rss_mb"]) <= SERVE_MAX_IDLE_RSS_MB,  # type: ignore[arg-type]
+            ),
+        }
+    fast = rows.get(BALANCEKIT_FAST)
+    if fast is not None and fast["x_reference"] is not None:
+        x_ref = fast["x_reference"]
+        checks[BALANCEKIT_FAST] = {
+            "x_reference": _goal(
+                x_ref,
+                f">= {FAST_MIN_X_REFERENCE}",
+                float(x_ref) >= FAST_MIN_X_REFERENCE,  # type: ignore[arg-type]
+            )
+        }
+    return checks
 
 
 COLUMNS = [
@@ -367,6 +424,7 @@ COLUMNS = [
     ("x ref", "x_reference"),
     ("x nginx", "x_nginx"),
     ("CPU us/req", "cpu_us_per_request"),
+    ("idle RSS MB", "idle_rss_mb"),
     ("peak RSS MB", "peak_rss_mb"),
     ("p99 ms", "p99_ms"),
     ("failed", "failed"),
@@ -451,12 +509,19 @@ def print_profile(raw: str, top: int = 15) -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     parser.add_argument("--duration", type=int, default=5, help="seconds per run (default 5)")
     parser.add_argument("--connections", type=int, default=32, help="wrk -c (default 32)")
+    parser.add_argument(
+        "--backends",
+        choices=["python", "nginx", "both"],
+        default="both",
+        help="what the proxies forward to (default: both, in turn)",
+    )
+    parser.add_argument("--with-httpx", action="store_true", help="also the httpx transport")
     parser.add_argument("--quick", action="store_true", help="1 round of 2 s")
     parser.add_argument(
-        "--profile", action="store_true", help="then sample balancekit (aiohttp) with py-spy"
+        "--profile", action="store_true", help="then sample balancekit serve with py-spy"
     )
     parser.add_argument("--output", type=Path, default=RESULTS, help=f"default {RESULTS}")
     args = parser.parse_args()
@@ -465,55 +530,103 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def start_targets(processes: list[Popen], prefix: Path) -> list[Target]:
+def write_serve_config(path: Path, backend_urls: list[str]) -> None:
+    """The TOML twin of ``_apps.balancekit_config`` (default transport)."""
+    sys.path.insert(0, str(HERE))
+    from _apps import balancekit_config
+
+    config = balancekit_config("httptools", backend_urls)
+    pool = config["pools"]["p"]
+    check = pool["health_check"]
+    path.write_text(
+        f'transport = "{config["transport"]}"\n'
+        "[pools.p]\n"
+        f"backends = {json.dumps(backend_urls)}\n"
+        f'algorithm = "{pool["algorithm"]}"\n'
+        f'health_check = {{ type = "{check["type"]}", path = "{check["path"]}", '
+        f"interval = {check['interval']} }}\n"
+        '[[routes]]\nprefix = "/"\npool = "p"\n'
+        f'[status]\nenabled = true\npath = "{config["status"]["path"]}"\n'
+    )
+
+
+def start_targets(
+    processes: list[Popen], prefix: Path, kind: str, with_httpx: bool
+) -> list[Target]:
     """Start backends and proxies, appending each process to ``processes`` at once."""
     backend_ports = [free_port() for _ in range(N_BACKENDS)]
-    for i, port in enumerate(backend_ports):
-        env = {"BENCH_NAME": f"backend-{i + 1}"}
-        processes.append(start_uvicorn("_apps:backend", port, CLIENT_CORE, env))
-    targets = [Target(BACKEND, backend_ports[0], processes[0])]
-    env = {"BENCH_BACKENDS": ",".join(f"http://127.0.0.1:{p}" for p in backend_ports)}
+    binary = nginx_binary()
+    if kind == "nginx":
+        if binary is None:
+            raise RuntimeError("--backends nginx needs nginx: apt-get install nginx")
+        processes.append(start_nginx(binary, 0, backend_ports, prefix / "backends", static=True))
+        backend_process = processes[-1]
+    else:
+        for i, port in enumerate(backend_ports):
+            env = {"BENCH_NAME": f"backend-{i + 1}"}
+            processes.append(start_uvicorn("_apps:backend", port, CLIENT_CORE, env))
+        backend_process = processes[-N_BACKENDS]
+    targets = [Target(BACKEND, backend_ports[0], backend_process)]
+    urls = [f"http://127.0.0.1:{p}" for p in backend_ports]
+    env = {"BENCH_BACKENDS": ",".join(urls)}
     plan = [
         (BALANCEKIT, "_apps:balancekit_app", {"BENCH_TRANSPORT": "aiohttp"}),
-        (BALANCEKIT_HTTPX, "_apps:balancekit_app", {"BENCH_TRANSPORT": "httpx"}),
         (BALANCEKIT_FAST, "_apps:balancekit_app", {"BENCH_TRANSPORT": "httptools"}),
         (REFERENCE, "_apps:reference", {}),
     ]
+    if with_httpx:
+        plan.insert(1, (BALANCEKIT_HTTPX, "_apps:balancekit_app", {"BENCH_TRANSPORT": "httpx"}))
     for name, app, extra in plan:
         port = free_port()
         processes.append(start_uvicorn(app, port, PROXY_CORE, {**env, **extra}))
         targets.append(Target(name, port, processes[-1]))
-    binary = nginx_binary()
+    config = prefix / f"serve-{kind}.toml"
+    write_serve_config(config, urls)
+    port = free_port()
+    serve = [sys.executable, "-m", "balancekit", "serve", str(config), "--port", str(port)]
+    processes.append(spawn(serve, PROXY_CORE))
+    targets.append(Target(SERVE, port, processes[-1]))
     if binary is None:
         print("nginx not installed: skipped", file=sys.stderr)
     else:
         port = free_port()
-        processes.append(start_nginx(binary, port, backend_ports, prefix))
+        processes.append(start_nginx(binary, port, backend_ports, prefix / f"proxy-{kind}"))
         targets.append(Target(NGINX, port, processes[-1]))
-    for port, process in zip(backend_ports, processes[:N_BACKENDS], strict=True):
-        wait_for_port(port, process)
+    for port in backend_ports:
+        wait_for_port(port, backend_process)
     for target in targets:
         wait_for_port(target.port, target.process)
         check_answers(target, is_proxy=target.name != BACKEND)
+        target.idle_rss_mb = peak_rss_mb(target.process.pid, "VmRSS")
     return targets
 
 
-def run(args: argparse.Namespace, prefix: Path, processes: list[Popen]) -> dict[str, object]:
-    targets = start_targets(processes, prefix)
-    print(f"all {len(targets)} targets answer 200 with the backend's body", file=sys.stderr)
+def run_kind(
+    args: argparse.Namespace, prefix: Path, processes: list[Popen], kind: str
+) -> dict[str, object]:
+    targets = start_targets(processes, prefix, kind, args.with_httpx)
+    print(f"{kind} backends: all {len(targets)} targets answer 200", file=sys.stderr)
     for round_ in range(args.rounds):
         for target in targets:
             measure(target, args.duration, args.connections)
         print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr)
     rows = summarize(targets)
-    checks = {name: goals(rows[name]) for name in (BALANCEKIT, BALANCEKIT_HTTPX, BALANCEKIT_FAST)}
+    checks = goals(rows)
+    print(f"\n## {kind} backends\n")
     print_table(rows)
     print_goals(checks)
     if args.profile:
         by_name = {t.name: t for t in targets}
-        output = args.output.with_name("balancekit.pyspy.txt")
+        output = args.output.with_name(f"serve-{kind}.pyspy.txt")
         output.parent.mkdir(parents=True, exist_ok=True)
-        profile(by_name[BALANCEKIT], max(args.duration, 5), args.connections, output)
+        profile(by_name[SERVE], max(args.duration, 5), args.connections, output)
+    stop(processes)
+    processes.clear()
+    return {"targets": rows, "goals": checks}
+
+
+def run(args: argparse.Namespace, prefix: Path, processes: list[Popen]) -> dict[str, object]:
+    kinds = ["python", "nginx"] if args.backends == "both" else [args.backends]
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "python": platform.python_version(),
@@ -521,8 +634,7 @@ def run(args: argparse.Namespace, prefix: Path, processes: list[Popen]) -> dict[
         "rounds": args.rounds,
         "duration_s": args.duration,
         "connections": args.connections,
-        "targets": rows,
-        "goals": checks,
+        "backends": {kind: run_kind(args, prefix, processes, kind) for kind in kinds},
     }
 
 

@@ -296,7 +296,14 @@ def test_consistent_hash_bounded_load_spills_a_hot_key(
                 held.append(
                     executor.submit(httpx.get, proxy.url + "/api/hold", headers=hot, timeout=15)
                 )
-                wait_until(lambda: pool.active_requests == len(held), f"{len(held)} held")
+                # Counted by the pool when picked, by the upstream once it arrives.
+                wait_until(
+                    lambda: (
+                        pool.active_requests == len(held)
+                        and sum(u.holding for u in holders) == len(held)
+                    ),
+                    f"{len(held)} held",
+                )
             holding = sorted((u.holding for u in holders), reverse=True)
         finally:
             for u in holders:

@@ -16,7 +16,7 @@ def test_defaults() -> None:
     config = load_config({"pools": {"api": ONE}})
     pool = config.pools["api"]
     assert config.store == "memory://"
-    assert config.transport == "aiohttp"
+    assert config.transport == "httptools"
     assert config.access_log is False
     assert config.trusted_proxies == ()
     assert (pool.timeouts.connect, pool.timeouts.read, pool.timeouts.write) == (5, 60, 60)

@@ -1,0 +1,527 @@
+"""The lean HTTP/1.1 server behind ``balancekit serve``.
+
+uvicorn is a fine general ASGI server, but in front of a balancer most of
+its per-request work is generality nobody asked for. This server is one
+asyncio Protocol per connection with httptools' request parser, feeding
+:class:`~balancekit.asgi.BalanceMiddleware` directly: routing, status page,
+problem responses and every header rule are the middleware's, unchanged.
+Per request it builds one small scope dict and one task; response heads are
+written with the first body bytes in one call, bodies as they come.
+
+What a front server owes its clients, it does here:
+
+- keep-alive and pipelining: requests on one connection are answered in
+  order; reading pauses while a pipelined request waits its turn;
+- limits: a request head over ``MAX_HEAD_BYTES`` or ``MAX_HEADER_COUNT``
+  fields is answered 431, a malformed one 400, and the connection closed;
+  a head not complete within ``HEAD_TIMEOUT`` seconds is dropped
+  (slowloris), an idle keep-alive connection after ``KEEP_ALIVE`` seconds;
+- back-pressure both ways: a request body buffered past ``BODY_BUFFER``
+  pauses reading until the engine takes it; a client that reads slowly
+  makes ``send`` wait for the socket to drain;
+- a client that leaves is reported to the engine as ``http.disconnect``;
+- graceful shutdown: :meth:`LeanServer.shutdown` stops accepting, closes
+  idle connections, lets in-flight requests finish (up to a deadline) and
+  answers them with ``Connection: close``.
+
+WebSocket upgrades are handed to uvicorn's WebSocket protocol, which runs
+the same middleware through ASGI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
+
+import httptools
+
+from ._problem import bad_request
+from ._types import Message
+
+if TYPE_CHECKING:
+    from .asgi import BalanceMiddleware
+
+logger = logging.getLogger("balancekit")
+
+MAX_HEAD_BYTES = 64 * 1024
+MAX_HEADER_COUNT = 100
+HEAD_TIMEOUT = 10.0
+KEEP_ALIVE = 5.0
+BODY_BUFFER = 256 * 1024
+
+_STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
+_NO_BODY_STATUS = frozenset({204, 304})
+_ASGI = {"version": "3.0", "spec_version": "2.3"}
+
+
+class _Clock:
+    """The Date header, formatted once a second rather than per response."""
+
+    def __init__(self) -> None:
+        self.second = 0
+        self.header = b""
+
+    def date(self) -> bytes:
+        now = int(time.time())
+        if now != self.second:
+            self.second = now
+            self.header = b"date: " + formatdate(now, usegmt=True).encode() + b"\r\n"
+        return self.header
+
+
+class _Cycle:
+    """One request on a connection: its body in, its response out."""
+
+    __slots__ = (
+        "body",
+        "body_done",
+        "buffered",
+        "chunked",
+        "conn",
+        "delivered",
+        "disconnected",
+        "head",
+        "head_request",
+        "keep_alive",
+        "response_done",
+        "scope",
+        "started",
+        "waiter",
+    )
+
+    def __init__(self, conn: _Connection, scope: dict[str, Any], keep_alive: bool) -> None:
+        self.conn = conn
+        self.scope = scope
+        self.keep_alive = keep_alive
+        self.head_request = scope["method"] == "HEAD"
+        self.body: collections.deque[bytes] = collections.deque()
+        self.buffered = 0
+        self.body_done = False
+        self.delivered = False
+        self.disconnected = False
+        self.waiter: asyncio.Future[None] | None = None
+        self.started = False
+        self.head = b""
+        self.chunked = False
+        self.response_done = False
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def receive(self) -> Message:
+        while True:
+            if self.body:
+                data = b"".join(self.body) if len(self.body) > 1 else self.body[0]
+                self.body.clear()
+                self.buffered = 0
+                self.delivered = self.body_done
+                self.conn.resume_body()
+                return {"type": "http.request", "body": data, "more_body": not self.body_done}
+            if self.body_done and not self.delivered:
+                self.delivered = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            if self.disconnected or self.response_done:
+                return {"type": "http.disconnect"}
+            self.waiter = self.conn.loop.create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+
+    async def send(self, message: Message) -> None:
+        if self.disconnected or self.conn.closed:
+            return
+        conn = self.conn
+        kind = message["type"]
+        if kind == "http.response.start":
+            if self.started:
+                raise RuntimeError("response already started")
+            self.started = True
+            self.head = self._head(message["status"], message.get("headers", ()))
+            return
+        if kind != "http.response.body" or self.response_done:
+            return
+        body = message.get("body", b"")
+        more = message.get("more_body", False)
+        out = self.head
+        self.head = b""
+        if self.head_request:
+            body = b""
+        if self.chunked:
+            if body:
+                out += b"%x\r\n%s\r\n" % (len(body), body)
+            if not more:
+                out += b"0\r\n\r\n"
+        else:
+            out += body
+        if out:
+            conn.transport.write(out)  # type: ignore[union-attr]
+        if not more:
+            self.response_done = True
+            self.wake()
+            conn.response_complete(self)
+        elif conn.write_paused:
+            await conn.drained()
+
+    def _head(self, status: int, headers: Any) -> bytes:
+        line = _STATUS_LINES.get(status) or f"HTTP/1.1 {status} \r\n".encode()
+        parts = [line, self.conn.server.clock.date()]
+        length = False
+        for name, value in headers:
+            if name == b"content-length":
+                length = True
+            elif name == b"connection":
+                if value.lower() == b"close":
+                    self.keep_alive = False
+                continue
+            parts += [name, b": ", value, b"\r\n"]
+        if self.conn.server.stopping:
+            self.keep_alive = False
+        if status in _NO_BODY_STATUS or status < 200:
+            pass
+        elif not length and not self.head_request:
+            if self.scope["http_version"] == "1.1":
+                self.chunked = True
+                parts.append(b"transfer-encoding: chunked\r\n")
+            else:
+                self.keep_alive = False  # the body ends with the connection
+        if not self.keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, server: LeanServer) -> None:
+        self.server = server
+        self.app = server.app
+        self.loop = server.loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.client: tuple[str, int] | None = None
+        self.local: tuple[str, int] | None = None
+        self.cycle: _Cycle | None = None  # the one being answered
+        self.parsing: _Cycle | None = None  # the one being read
+        self.pipeline: collections.deque[_Cycle] = collections.deque()
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_bytes = 0
+        self.in_head = False
+        self.head_started = 0.0
+        self.idle_since = time.monotonic()
+        self.read_paused = False
+        self.write_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self.closed = False
+
+    # --- asyncio.Protocol ---------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        local = transport.get_extra_info("sockname")
+        self.client = (peer[0], peer[1]) if isinstance(peer, tuple) else None
+        self.local = (local[0], local[1]) if isinstance(local, tuple) else None
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server.connections.discard(self)
+        for cycle in (self.cycle, self.parsing, *self.pipeline):
+            if cycle is not None and not cycle.response_done:
+                cycle.disconnected = True
+                cycle.wake()
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if not self.in_head and self.parsing is None:
+            self.in_head = True
+            self.head_started = time.monotonic()
+            self.head_bytes = 0
+        if self.in_head:
+            self.head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._upgrade(data[upgrade.args[0] :] if upgrade.args else b"")
+            return
+        except httptools.HttpParserError as exc:
+            self._refuse(400, f"malformed request: {exc}")
+            return
+        # Still no end of the head: httptools keeps buffering a long line,
+        # so the bound is kept here, not only on complete fields.
+        if self.in_head and self.head_bytes > MAX_HEAD_BYTES + 4096:
+            self._refuse(431, "request head too large")
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    async def drained(self) -> None:
+        if not self.write_paused or self.closed:
+            return
+        self._drain = self.loop.create_future()
+        try:
+            await self._drain
+        finally:
+            self._drain = None
+
+    # --- httptools callbacks ------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.headers = []
+        if not self.in_head:
+            self.in_head = True
+            self.head_started = time.monotonic()
+            self.head_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        if self.closed:
+            return
+        size = len(self.url) + sum(len(n) + len(v) for n, v in self.headers)
+        if size > MAX_HEAD_BYTES or len(self.headers) > MAX_HEADER_COUNT:
+            self._refuse(431, "request head too large")
+            return
+        if self.parser.should_upgrade():
+            return  # feed_data raises HttpParserUpgrade next: see _upgrade
+        parsed = httptools.parse_url(self.url)
+        raw_path = parsed.path or b"/"
+        text = raw_path.decode("latin-1")
+        scope = {
+            "type": "http",
+            "asgi": _ASGI,
+            "http_version": self.parser.get_http_version(),
+            "server": self.local,
+            "client": self.client,
+            "scheme": "http",
+            "method": self.parser.get_method().decode("ascii"),
+            "root_path": "",
+            "path": unquote(text) if "%" in text else text,
+            "raw_path": raw_path,
+            "query_string": parsed.query or b"",
+            "headers": self.headers,
+        }
+        cycle = _Cycle(self, scope, self.parser.should_keep_alive())
+        self.parsing = cycle
+        if self.cycle is None:
+            self._start(cycle)
+        else:
+            self.pipeline.append(cycle)
+            self._pause_reading()
+
+    def on_body(self, body: bytes) -> None:
+        cycle = self.parsing
+        if cycle is None or cycle.response_done:
+            return
+        cycle.body.append(body)
+        cycle.buffered += len(body)
+        if cycle.buffered > BODY_BUFFER:
+            self._pause_reading()
+        cycle.wake()
+
+    def on_message_complete(self) -> None:
+        cycle = self.parsing
+        if cycle is None:
+            return
+        self.parsing = None
+        cycle.body_done = True
+        cycle.wake()
+
+    # --- cycles -------------------------------------------------------------
+
+    def _start(self, cycle: _Cycle) -> None:
+        self.cycle = cycle
+        task = self.loop.create_task(self._run(cycle))
+        self.server.tasks.add(task)
+        task.add_done_callback(self.server.tasks.discard)
+
+    async def _run(self, cycle: _Cycle) -> None:
+        try:
+            await self.app(cycle.scope, cycle.receive, cycle.send)
+        except asyncio.CancelledError:
+            self.close()
+            raise
+        except Exception:  # the connection boundary: never the worker
+            logger.exception("balancekit serve: unexpected error")
+            if not cycle.started and not cycle.disconnected:
+                status, headers, body = bad_request("internal error", status=500)
+                cycle.keep_alive = False
+                start = {"type": "http.response.start", "status": status, "headers": headers}
+                await cycle.send(start)
+                await cycle.send({"type": "http.response.body", "body": body})
+        if not cycle.response_done:
+            self.close()  # unfinished: the client must see the response cut
+
+    def response_complete(self, cycle: _Cycle) -> None:
+        self.cycle = None
+        if not cycle.keep_alive or self.closed:
+            self.close()
+            return
+        if cycle is self.parsing:
+            # Answered before its body was read whole: the rest would be
+            # read as the next request. Close rather than guess.
+            self.close()
+            return
+        self.idle_since = time.monotonic()
+        if self.pipeline:
+            self._start(self.pipeline.popleft())
+        if not self.pipeline:
+            self._resume_reading()
+
+    def resume_body(self) -> None:
+        if self.read_paused and not self.pipeline:
+            self._resume_reading()
+
+    def _pause_reading(self) -> None:
+        if not self.read_paused and self.transport is not None:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self.read_paused and self.transport is not None and not self.closed:
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    def _refuse(self, status: int, detail: str) -> None:
+        if self.transport is None or self.closed:
+            return
+        if self.cycle is None:
+            _, headers, body = bad_request(detail, status=status)
+            head = [_STATUS_LINES[status], b"connection: close\r\n"]
+            head += [n + b": " + v + b"\r\n" for n, v in headers]
+            self.transport.write(b"".join(head) + b"\r\n" + body)
+        self.close()
+
+    def _upgrade(self, rest: bytes) -> None:
+        upgrade = dict(self.headers).get(b"upgrade", b"").lower()
+        if upgrade != b"websocket" or self.transport is None:
+            self._refuse(400, "unsupported upgrade")
+            return
+        # Hand the connection to uvicorn's WebSocket protocol, as uvicorn's
+        # own server does.
+        self.server.connections.discard(self)
+        method = self.parser.get_method()
+        head = [method, b" ", self.url, b" HTTP/1.1\r\n"]
+        for name, value in self.headers:
+            head += [name, b": ", value, b"\r\n"]
+        head.append(b"\r\n")
+        protocol = self.server.websocket_protocol()
+        protocol.connection_made(self.transport)
+        protocol.data_received(b"".join(head) + rest)
+        self.transport.set_protocol(protocol)
+
+    def close(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.closed = True
+            self.transport.close()
+
+    def idle(self) -> bool:
+        return self.cycle is None and self.parsing is None and not self.in_head
+
+    def expired(self, now: float) -> bool:
+        """A head read too slowly (slowloris), or a keep-alive left idle."""
+        if self.in_head and self.parsing is None:
+            return now - self.head_started > HEAD_TIMEOUT
+        return self.idle() and now - self.idle_since > KEEP_ALIVE
+
+
+class LeanServer:
+    """Serves one :class:`~balancekit.asgi.BalanceMiddleware` on sockets."""
+
+    def __init__(self, app: BalanceMiddleware) -> None:
+        self.app = app
+        self.loop = asyncio.get_running_loop()
+        self.connections: set[_Connection] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.clock = _Clock()
+        self.stopping = False
+        self._servers: list[asyncio.Server] = []
+        self._reaper: asyncio.Task[None] | None = None
+        self._ws: Any = None
+
+    async def start(self, sockets: list[Any]) -> None:
+        await self.app.balancer.astart()
+        for sock in sockets:
+            server = await self.loop.create_server(
+                lambda: _Connection(self), sock=sock, backlog=2048
+            )
+            self._servers.append(server)
+        self._reaper = self.loop.create_task(self._reap())
+
+    async def _reap(self) -> None:
+        # One sweep a second instead of a timer per connection.
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for conn in list(self.connections):
+                if conn.expired(now):
+                    conn.close()
+
+    def websocket_protocol(self) -> asyncio.Protocol:
+        if self._ws is None:
+            import uvicorn
+            from uvicorn.server import ServerState
+
+            config = uvicorn.Config(
+                self.app, ws="auto", lifespan="off", proxy_headers=False, log_level="warning"
+            )
+            config.load()
+            self._ws = (config, ServerState())
+        config, state = self._ws
+        protocol: asyncio.Protocol = config.ws_protocol_class(
+            config=config, server_state=state, app_state={}
+        )
+        return protocol
+
+    async def shutdown(self, grace: float = 30.0) -> None:
+        """Stop accepting, let in-flight requests finish, then close."""
+        self.stopping = True
+        for server in self._servers:
+            server.close()
+        for conn in list(self.connections):
+            if conn.idle():
+                conn.close()
+        deadline = time.monotonic() + grace
+        while self.tasks and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            for conn in list(self.connections):
+                if conn.idle():
+                    conn.close()
+        for task in list(self.tasks):
+            task.cancel()
+        for conn in list(self.connections):
+            conn.close()
+        if self._reaper is not None:
+            self._reaper.cancel()
+        if self._ws is not None:
+            for conn in list(self._ws[1].connections):
+                conn.shutdown()
+        for server in self._servers:
+            await server.wait_closed()
+        await self.app.balancer.aclose()
+
+
+__all__ = ["LeanServer"]

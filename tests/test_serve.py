@@ -1,0 +1,178 @@
+"""``balancekit serve`` on its lean server: what a front server owes its
+clients, checked against the real command in its own process."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from balancekit._server import MAX_HEADER_COUNT
+from tests.conftest import closed_port_url, free_port
+from tests.test_commands import Running, started, wait_until_serving
+
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+@pytest.fixture
+def balancer(upstreams: list[Any], tmp_path: Path) -> Iterator[tuple[str, Running]]:
+    """``balancekit serve`` for a config with a pool of a and b on /api/,
+    a pool with no live backend on /down/ and the status page."""
+    config = tmp_path / "balancekit.toml"
+    config.write_text(
+        f'[pools.api]\nbackends = ["{upstreams[0].url}", "{upstreams[1].url}"]\n'
+        f'[pools.down]\nbackends = ["{closed_port_url()}"]\n'
+        '[[routes]]\nprefix = "/api/"\npool = "api"\nstrip_prefix = true\n'
+        '[[routes]]\nprefix = "/down/"\npool = "down"\n'
+        "[status]\nenabled = true\n"
+    )
+    port = free_port()
+    with started("serve", str(config), "--port", str(port)) as running:
+        running.wait_for("serving on")
+        url = f"http://127.0.0.1:{port}"
+        wait_until_serving(url)
+        yield url, running
+
+
+def raw(url: str, data: bytes, *, wait: float = 2.0) -> bytes:
+    """Send ``data`` on one connection; everything read until close or ``wait``."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(data)
+        sock.settimeout(wait)
+        got = b""
+        try:
+            while chunk := sock.recv(65536):
+                got += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+    return got
+
+
+def test_proxies_with_keep_alive_and_every_contract_rule(balancer) -> None:
+    url, _ = balancer
+    with httpx.Client(base_url=url) as client:
+        answers = [client.get("/api/users", params={"q": "1"}) for _ in range(4)]
+        echoed = answers[0].json()
+        assert [a.json()["backend"] for a in answers] == ["a", "b", "a", "b"]
+        assert echoed["path"] == "/users" and echoed["query"] == "q=1"
+        forwarded = dict(echoed["headers"])
+        assert forwarded["x-forwarded-for"] == "127.0.0.1"
+        assert forwarded["x-forwarded-proto"] == "http"
+        down = client.get("/down/x")
+        assert down.status_code == 502
+        assert down.headers["content-type"] == "application/problem+json"
+        assert client.get("/elsewhere").status_code == 404
+        status = client.get("/balancekit/status.json").json()
+        assert status["pools"]["api"]["backends"][0]["requests_total"] == 2
+        assert "<table" in client.get("/balancekit/").text
+
+
+def test_bodies_stream_both_ways(balancer) -> None:
+    url, _ = balancer
+    payload = bytes(range(256)) * 20_000  # 5 MB
+
+    def parts() -> Iterator[bytes]:  # chunked: no Content-Length
+        for start in range(0, len(payload), 100_000):
+            yield payload[start : start + 100_000]
+
+    echoed = httpx.post(f"{url}/api/upload", content=parts()).json()
+    assert echoed["body_size"] == len(payload)
+    assert echoed["body_sha256"] == hashlib.sha256(payload).hexdigest()
+    with httpx.stream("GET", f"{url}/api/big", params={"mb": "20"}) as big:
+        assert sum(len(c) for c in big.iter_bytes()) == 20 * 1024 * 1024
+    head = httpx.head(f"{url}/api/x")
+    assert head.status_code == 200 and head.content == b""
+
+
+def test_pipelined_requests_are_answered_in_order(balancer) -> None:
+    url, _ = balancer
+    requests = (
+        b"".join(f"GET /api/p{i} HTTP/1.1\r\nHost: x\r\n\r\n".encode() for i in range(5))
+        + b"GET /api/last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    got = raw(url, requests)
+    assert got.count(b"HTTP/1.1 200 OK") == 6
+    paths = [json.loads(line)["path"] for line in _bodies(got)]
+    assert paths == [f"/p{i}" for i in range(5)] + ["/last"]
+
+
+def _bodies(stream: bytes) -> list[bytes]:
+    # The echo answers are chunked: each body is one chunk.
+    out = []
+    for part in stream.split(b"\r\n\r\n")[1:]:
+        size, _, rest = part.partition(b"\r\n")
+        if size and size != b"0" and rest.startswith(b"{"):
+            out.append(rest[: int(size, 16)])
+    return out
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        pytest.param(
+            "".join(f"X-H{i}: v\r\n" for i in range(MAX_HEADER_COUNT + 1)), 431, id="too-many"
+        ),
+        pytest.param("X-Big: " + "v" * 70_000 + "\r\n", 431, id="too-large"),
+        pytest.param("Bad Header Line\r\n", 400, id="malformed"),
+    ],
+)
+def test_bad_request_heads_are_refused_and_the_connection_closed(
+    balancer, head: str, status: int
+) -> None:
+    url, _ = balancer
+    got = raw(url, f"GET /api/x HTTP/1.1\r\nHost: x\r\n{head}\r\n".encode())
+    assert got.startswith(f"HTTP/1.1 {status} ".encode()), got[:200]
+    assert b"application/problem+json" in got
+    # And the server goes on serving.
+    assert httpx.get(f"{url}/api/x").status_code == 200
+
+
+def test_a_client_that_leaves_releases_its_request(balancer) -> None:
+    url, _ = balancer
+    raw(url, b"GET /api/sleep?s=2 HTTP/1.1\r\nHost: x\r\n\r\n", wait=0.3)
+    deadline = time.monotonic() + 5
+    while True:
+        pools = httpx.get(f"{url}/balancekit/status.json").json()["pools"]
+        if pools["api"]["active_requests"] == 0:
+            break
+        assert time.monotonic() < deadline, pools["api"]
+        time.sleep(0.05)
+
+
+def test_sigterm_lets_in_flight_requests_finish(balancer) -> None:
+    url, running = balancer
+    result: dict[str, Any] = {}
+
+    def slow() -> None:
+        result["answer"] = httpx.get(f"{url}/api/sleep", params={"s": "1"}, timeout=10)
+
+    client = threading.Thread(target=slow)
+    client.start()
+    time.sleep(0.3)  # the request is in flight
+    started_at = time.monotonic()
+    assert running.stop(signal.SIGTERM) == 0
+    client.join(timeout=10)
+    assert result["answer"].status_code == 200
+    assert result["answer"].headers["connection"] == "close"
+    assert time.monotonic() - started_at < 5
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(url)
+
+
+def test_websocket_upgrades_are_proxied(balancer) -> None:
+    from websockets.sync.client import connect
+
+    url, _ = balancer
+    with connect(url.replace("http", "ws") + "/api/ws") as ws:
+        ws.send("hello")
+        assert "hello" in str(ws.recv(timeout=5))
