@@ -28,11 +28,17 @@ HOP_BY_HOP_HEADERS = frozenset(
 _FORWARDED = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")
 
 
+#: Connection header values that name nothing beyond the hop-by-hop set.
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
+
+
 def _connection_tokens(headers: RawHeaders) -> frozenset[bytes]:
     tokens: set[bytes] = set()
     for name, value in headers:
         if name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b","))
+            lowered = value.lower()
+            if lowered not in _PLAIN_CONNECTION:  # the common case, skipped
+                tokens.update(t.strip() for t in lowered.split(b","))
     return frozenset(tokens)
 
 
@@ -82,7 +88,9 @@ def upstream_request_headers(
     """
     drop = HOP_BY_HOP_HEADERS
     if any(name == b"connection" for name, _ in headers):
-        drop = drop | _connection_tokens(headers)
+        extra = _connection_tokens(headers)
+        if extra:
+            drop = drop | extra
     out: RawHeaders = []
     client_host = b""
     seen_for: list[bytes] = []

@@ -206,9 +206,17 @@ class _Connection(asyncio.Protocol):
             self._drained = None
 
     def start(self) -> None:
+        # The parser is ready for the next response once the last one was
+        # parsed whole (llhttp resets between messages); otherwise a new one.
+        reuse = self.complete and self.error is None and self.status != 0
         self._reset()
         self.active = True
-        self.parser = httptools.HttpResponseParser(self)
+        if not reuse:
+            self.parser = httptools.HttpResponseParser(self)
+
+    def timed_out(self) -> None:
+        """The read timeout's timer: fail whoever waits, and drop the connection."""
+        self._fail(UpstreamTimeout("upstream timed out", pool=""))
 
 
 class FastResponse:
@@ -246,14 +254,14 @@ class FastResponse:
                 return b""
             if conn.error is not None:
                 raise _as_proxy_error(conn.error, self._pool)
+            # One timer per wait, not wait_for's task and callbacks.
             conn.waiter = conn.loop.create_future()
+            timer = conn.loop.call_later(self._read_timeout, conn.timed_out)
             try:
-                await asyncio.wait_for(conn.waiter, self._read_timeout)
-            except TimeoutError:
-                conn.close()
-                raise UpstreamTimeout("upstream timed out", pool=self._pool) from None
+                await conn.waiter
             finally:
                 conn.waiter = None
+                timer.cancel()
 
     async def aclose(self) -> None:
         conn = self._conn
@@ -405,16 +413,14 @@ class FastTransport:
         return started
 
     async def _wait_head(self, conn: _Connection, seconds: float, pool: str) -> None:
+        timer = conn.loop.call_later(seconds, conn.timed_out)
         try:
-            await asyncio.wait_for(asyncio.shield(conn.head), seconds)
-        except TimeoutError:
-            conn.close()
-            raise UpstreamTimeout("upstream timed out", pool=pool) from None
-        except _Stale:
-            raise
+            await conn.head
         except ProxyError as exc:
             exc.pool = pool
             raise
+        finally:
+            timer.cancel()
 
     async def aclose(self) -> None:
         for pooled in self._idle.values():
