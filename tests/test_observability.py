@@ -183,8 +183,14 @@ def test_the_dashboard_goes_live_in_chromium(serve, browser) -> None:
     wait.until(lambda d: "updated" in d.find_element(By.ID, "meta").text)
 
     def states() -> list[str]:
-        cells = browser.find_elements(By.CSS_SELECTOR, '#rows td[data-label="state"]')
-        return [cell.text for cell in cells]
+        # Read in one script: the page replaces its rows on every update, so
+        # elements found one call earlier may be gone (stale) by the next.
+        return list(
+            browser.execute_script(
+                "return Array.from(document.querySelectorAll("
+                "'#rows td[data-label=\"state\"]'), c => c.textContent.trim())"
+            )
+        )
 
     assert states() == ["healthy", "healthy"]
     stop = threading.Event()

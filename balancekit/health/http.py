@@ -1,10 +1,18 @@
-"""HTTP health check: GET a path, expect a status in a range."""
+"""HTTP health check: GET a path, expect a status in a range.
+
+Probes go over balancekit's own HTTP/1.1 client, one connection per probe
+(``Connection: close``, as HAProxy's checks), so that a backend that stops
+accepting connections fails its check.
+"""
 
 from __future__ import annotations
 
-import aiohttp
+import asyncio
 
 from .._backend import Backend
+from .._config import TimeoutsConfig
+from .._exceptions import ProxyError
+from .._transports.fast import FastResponse, FastTransport
 
 
 def parse_status_ranges(spec: str) -> list[tuple[int, int]]:
@@ -60,37 +68,44 @@ class HTTPHealthCheck:
                 "expect_body: must not be empty (leave it out to check the status only)"
             )
         self.expect_body = None if expect_body is None else expect_body.encode()
-        self._session: aiohttp.ClientSession | None = None
+        extra = [
+            (name.lower().encode("latin-1"), value.encode("latin-1"))
+            for name, value in self.headers.items()
+        ]
+        self._extra = [h for h in extra if h[0] not in (b"host", b"connection")]
+        self._host = next((v for k, v in extra if k == b"host"), None)
+        self._timeouts = TimeoutsConfig(connect=timeout, read=timeout, write=timeout)
+        self._transport = FastTransport()
 
     async def check(self, backend: Backend) -> bool:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                cookie_jar=aiohttp.DummyCookieJar(),
-                timeout=aiohttp.ClientTimeout(total=self.timeout),
-                connector=aiohttp.TCPConnector(force_close=True),
-            )
-        url = f"{backend.origin}{backend.base_path}{self.path}"
+        host = self._host or backend.host_header_raw
+        headers = [(b"host", host), (b"connection", b"close"), *self._extra]
         try:
-            async with self._session.request(
-                self.method, url, headers=self.headers, allow_redirects=False
-            ) as response:
-                if not any(lo <= response.status <= hi for lo, hi in self.ranges):
-                    return False
-                if self.expect_body is None:
-                    return True
-                body = b""
-                while len(body) < BODY_LIMIT:
-                    chunk = await response.content.read(BODY_LIMIT - len(body))
-                    if not chunk:
-                        break
-                    body += chunk
-                    if self.expect_body in body:
-                        return True
-        except (aiohttp.ClientError, TimeoutError, OSError):
+            async with asyncio.timeout(self.timeout):
+                response = await self._transport.send(
+                    backend, self.method, self.path, headers, None, self._timeouts, pool=""
+                )
+                try:
+                    return await self._judge(response)
+                finally:
+                    await response.aclose()
+        except (ProxyError, TimeoutError, OSError):
             return False
+
+    async def _judge(self, response: FastResponse) -> bool:
+        if not any(lo <= response.status <= hi for lo, hi in self.ranges):
+            return False
+        if self.expect_body is None:
+            return True
+        body = b""
+        while len(body) < BODY_LIMIT:
+            chunk = await response.read()
+            if not chunk:
+                break
+            body += chunk
+            if self.expect_body in body:
+                return True
         return False
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._transport.aclose()
