@@ -13,17 +13,26 @@ labels (``pool`` alone where no backend is involved):
   ``balancekit_state_changes_total{state}``,
   ``balancekit_health_check_duration_seconds``.
 
-Several worker processes: set ``PROMETHEUS_MULTIPROC_DIR`` (an empty
-directory shared by the workers) before they start, as prometheus-client's
-multiprocess mode asks; the ``metrics`` path then adds up every worker's
-values. Each Balancer has its own registry (``balancer.metrics.registry``);
-pass ``Balancer(..., metrics_registry=REGISTRY)`` to put balancekit's
-metrics in your app's registry instead.
+In one process, the per-request families (requests, active requests,
+durations) are plain counters that a collector turns into samples when the
+``metrics`` path is read: a request costs a few integer additions under one
+lock rather than five prometheus-client updates. Several worker processes:
+set ``PROMETHEUS_MULTIPROC_DIR`` (an empty directory shared by the workers)
+before they start, as prometheus-client's multiprocess mode asks; every
+family then goes through prometheus-client's shared files, and the
+``metrics`` path adds up every worker's values.
+
+Each Balancer has its own registry (``balancer.metrics.registry``); pass
+``Balancer(..., metrics_registry=REGISTRY)`` to put balancekit's metrics in
+your app's registry instead.
 """
 
 from __future__ import annotations
 
+import bisect
 import os
+import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -50,31 +59,35 @@ class Metrics:
 
         self.registry = registry if registry is not None else CollectorRegistry()
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        self.pools: dict[str, PoolMetrics] = {}
         r = self.registry
         labels = ("pool", "backend")
-        self.requests = Counter(
-            "balancekit_requests", "Proxied requests.", (*labels, "code"), registry=r
-        )
-        self.active = Gauge(
-            "balancekit_active_requests",
-            "Requests in flight.",
-            labels,
-            registry=r,
-            multiprocess_mode="livesum",
-        )
+        if self.multiprocess:
+            self.requests = Counter(
+                "balancekit_requests", "Proxied requests.", (*labels, "code"), registry=r
+            )
+            self.active = Gauge(
+                "balancekit_active_requests",
+                "Requests in flight.",
+                labels,
+                registry=r,
+                multiprocess_mode="livesum",
+            )
+            self.duration = Histogram(
+                "balancekit_request_duration_seconds",
+                "Upstream time of proxied requests.",
+                labels,
+                buckets=BUCKETS,
+                registry=r,
+            )
+        else:
+            r.register(_RequestCollector(self))
         self.up = Gauge(
             "balancekit_backend_up",
             "1 while the backend is healthy.",
             labels,
             registry=r,
             multiprocess_mode="liveall",
-        )
-        self.duration = Histogram(
-            "balancekit_request_duration_seconds",
-            "Upstream time of proxied requests.",
-            labels,
-            buckets=BUCKETS,
-            registry=r,
         )
         self.retries = Counter("balancekit_retries", "Retries started.", ("pool",), registry=r)
         self.ejections = Counter("balancekit_ejections", "Outlier ejections.", labels, registry=r)
@@ -90,7 +103,12 @@ class Metrics:
         )
 
     def pool(self, name: str) -> PoolMetrics:
-        return PoolMetrics(self, name)
+        """The pool's metrics; a pool that comes back after a reload keeps
+        counting where it left off, as its label children would."""
+        pool = self.pools.get(name)
+        if pool is None:
+            pool = self.pools[name] = PoolMetrics(self, name)
+        return pool
 
     def exposition(self) -> tuple[bytes, bytes]:
         """The ``metrics`` answer: body and content type."""
@@ -105,6 +123,19 @@ class Metrics:
         return generate_latest(registry), CONTENT_TYPE_LATEST.encode()
 
 
+class _BackendCounts:
+    """One backend's per-request counts, kept as plain numbers."""
+
+    __slots__ = ("active", "buckets", "codes", "count", "total")
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.codes: dict[int, int] = {}
+        self.buckets = [0] * (len(BUCKETS) + 1)  # the last one is +Inf
+        self.count = 0
+        self.total = 0.0
+
+
 class PoolMetrics:
     """One pool's metrics, with each backend's label children made once."""
 
@@ -112,6 +143,8 @@ class PoolMetrics:
         self.metrics = metrics
         self.pool = pool
         self.retries = metrics.retries.labels(pool)
+        self.counts: dict[str, _BackendCounts] = {}  # by URL: a reload makes new Backends
+        self._lock = threading.Lock()  # the WSGI engine releases from many threads
         self._children: dict[Backend, tuple[Any, Any, dict[int, Any]]] = {}
 
     def _for(self, backend: Backend) -> tuple[Any, Any, dict[int, Any]]:
@@ -119,15 +152,42 @@ class PoolMetrics:
         if children is None:
             m = self.metrics
             labels = (self.pool, backend.url)
-            children = (m.active.labels(*labels), m.duration.labels(*labels), {})
+            if m.multiprocess:
+                children = (m.active.labels(*labels), m.duration.labels(*labels), {})
+            else:
+                children = (None, None, {})
             self._children[backend] = children
             m.up.labels(*labels).set(1 if backend.state.value == "healthy" else 0)
         return children
 
+    def _counts(self, backend: Backend) -> _BackendCounts:
+        counts = self.counts.get(backend.url)
+        if counts is None:
+            self._for(backend)
+            counts = self.counts[backend.url] = _BackendCounts()
+        return counts
+
     def acquired(self, backend: Backend) -> None:
-        self._for(backend)[0].inc()
+        if self.metrics.multiprocess:
+            self._for(backend)[0].inc()
+            return
+        with self._lock:
+            self._counts(backend).active += 1
 
     def released(self, backend: Backend, code: int, seconds: float | None) -> None:
+        if self.metrics.multiprocess:
+            self._released_shared(backend, code, seconds)
+            return
+        with self._lock:
+            counts = self._counts(backend)
+            counts.active -= 1
+            if seconds is not None:
+                counts.buckets[bisect.bisect_left(BUCKETS, seconds)] += 1
+                counts.count += 1
+                counts.total += seconds
+            counts.codes[code] = counts.codes.get(code, 0) + 1
+
+    def _released_shared(self, backend: Backend, code: int, seconds: float | None) -> None:
         active, duration, codes = self._for(backend)
         active.dec()
         if seconds is not None:
@@ -150,3 +210,50 @@ class PoolMetrics:
 
     def health_checked(self, backend: Backend, seconds: float) -> None:
         self.metrics.health_duration.labels(self.pool, backend.url).observe(seconds)
+
+
+class _RequestCollector:
+    """Turns every pool's plain counts into samples when the registry is read."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+        from prometheus_client.utils import floatToGoString
+
+        labels = ["pool", "backend"]
+        requests = CounterMetricFamily(
+            "balancekit_requests", "Proxied requests.", labels=[*labels, "code"]
+        )
+        active = GaugeMetricFamily(
+            "balancekit_active_requests", "Requests in flight.", labels=labels
+        )
+        duration = HistogramMetricFamily(
+            "balancekit_request_duration_seconds",
+            "Upstream time of proxied requests.",
+            labels=labels,
+        )
+        bounds = [floatToGoString(b) for b in BUCKETS] + ["+Inf"]  # type: ignore[no-untyped-call]
+        for pool in list(self.metrics.pools.values()):
+            with pool._lock:
+                snapshot = [
+                    (url, c.active, dict(c.codes), list(c.buckets), c.total)
+                    for url, c in pool.counts.items()
+                ]
+            for url, in_flight, codes, buckets, total in snapshot:
+                for code, value in sorted(codes.items()):
+                    requests.add_metric([pool.pool, url, str(code)], value)
+                active.add_metric([pool.pool, url], in_flight)
+                cumulative, running = [], 0
+                for bound, value in zip(bounds, buckets, strict=True):
+                    running += value
+                    cumulative.append((bound, running))
+                duration.add_metric([pool.pool, url], cumulative, total)
+        yield requests
+        yield active
+        yield duration

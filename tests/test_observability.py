@@ -228,3 +228,20 @@ def test_the_dashboard_reads_without_javascript(serve, upstreams) -> None:
     assert f'<td data-label="backend">{upstreams[0].url}</td>' in page
     assert '<td data-label="state">healthy</td>' in page
     assert "http://" not in page.split("<script>")[1], "nothing fetched from elsewhere"
+
+
+def test_a_pool_removed_and_added_back_keeps_one_series(serve, upstreams) -> None:
+    server, balancer = balanced(serve, [upstreams[0].url], status={"enabled": True})
+    config = balancer.config.model_dump()
+    with httpx.Client(base_url=server.url) as client:
+        client.get("/api/x")
+        balancer.reload({**config, "pools": {}, "routes": []})
+        balancer.reload(config)
+        client.get("/api/x")
+        text = client.get("/balancekit/metrics").text
+    ok = [
+        s
+        for s in samples(text, "balancekit_requests")
+        if s.name.endswith("_total") and s.labels["code"] == "200"
+    ]
+    assert [s.value for s in ok] == [2.0], "one series, counting on"
