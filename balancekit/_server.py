@@ -213,6 +213,7 @@ class _Connection(asyncio.Protocol):
         self.pipeline: collections.deque[_Cycle] = collections.deque()
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
+        self.head_size = 0  # of the URL and fields parsed so far
         self.head_bytes = 0
         self.in_head = False
         self.head_started = 0.0
@@ -286,6 +287,7 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.url = b""
         self.headers = []
+        self.head_size = 0
         if not self.in_head:
             self.in_head = True
             self.head_started = time.monotonic()
@@ -293,22 +295,27 @@ class _Connection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self.url += url
+        self.head_size += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_size += len(name) + len(value)
         self.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         self.in_head = False
         if self.closed:
             return
-        size = len(self.url) + sum(len(n) + len(v) for n, v in self.headers)
-        if size > MAX_HEAD_BYTES or len(self.headers) > MAX_HEADER_COUNT:
+        if self.head_size > MAX_HEAD_BYTES or len(self.headers) > MAX_HEADER_COUNT:
             self._refuse(431, "request head too large")
             return
         if self.parser.should_upgrade():
             return  # feed_data raises HttpParserUpgrade next: see _upgrade
-        parsed = httptools.parse_url(self.url)
-        raw_path = parsed.path or b"/"
+        url = self.url
+        if url[:1] == b"/" and b"#" not in url:  # origin-form, the usual case
+            raw_path, _, query = url.partition(b"?")
+        else:  # absolute-form, "*", a fragment: let the parser take it apart
+            parsed = httptools.parse_url(url)
+            raw_path, query = parsed.path or b"/", parsed.query or b""
         text = raw_path.decode("latin-1")
         scope = {
             "type": "http",
@@ -321,7 +328,7 @@ class _Connection(asyncio.Protocol):
             "root_path": "",
             "path": unquote(text) if "%" in text else text,
             "raw_path": raw_path,
-            "query_string": parsed.query or b"",
+            "query_string": query,
             "headers": self.headers,
         }
         cycle = _Cycle(self, scope, self.parser.should_keep_alive())

@@ -176,3 +176,12 @@ def test_websocket_upgrades_are_proxied(balancer) -> None:
     with connect(url.replace("http", "ws") + "/api/ws") as ws:
         ws.send("hello")
         assert "hello" in str(ws.recv(timeout=5))
+
+
+def test_absolute_form_targets_and_queries_reach_the_backend(balancer) -> None:
+    url, _ = balancer
+    for target in ("/api/q?a=1&b=%20", "http://example.test/api/q?a=1&b=%20"):
+        got = raw(url, f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        (body,) = _bodies(got)
+        echoed = json.loads(body)
+        assert (echoed["path"], echoed["query"]) == ("/q", "a=1&b=%20"), target
