@@ -86,6 +86,7 @@ class _Cycle:
         "conn",
         "delivered",
         "disconnected",
+        "expect_continue",
         "head",
         "head_request",
         "keep_alive",
@@ -105,6 +106,7 @@ class _Cycle:
         self.body_done = False
         self.delivered = False
         self.disconnected = False
+        self.expect_continue = False
         self.waiter: asyncio.Future[None] | None = None
         self.started = False
         self.head = b""
@@ -130,6 +132,12 @@ class _Cycle:
                 return {"type": "http.request", "body": b"", "more_body": False}
             if self.disconnected or self.response_done:
                 return {"type": "http.disconnect"}
+            if self.expect_continue:
+                # The client waits for this before sending its body; it goes
+                # out only once the body is asked for, as uvicorn does.
+                self.expect_continue = False
+                if not self.started and self.conn.transport is not None:
+                    self.conn.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             self.waiter = self.conn.loop.create_future()
             try:
                 await self.waiter
@@ -214,6 +222,7 @@ class _Connection(asyncio.Protocol):
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_size = 0  # of the URL and fields parsed so far
+        self.expects_continue = False
         self.head_bytes = 0
         self.in_head = False
         self.head_started = 0.0
@@ -288,6 +297,7 @@ class _Connection(asyncio.Protocol):
         self.url = b""
         self.headers = []
         self.head_size = 0
+        self.expects_continue = False
         if not self.in_head:
             self.in_head = True
             self.head_started = time.monotonic()
@@ -299,7 +309,10 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.head_size += len(name) + len(value)
-        self.headers.append((name.lower(), value))
+        name = name.lower()
+        if name == b"expect":
+            self.expects_continue = value.lower() == b"100-continue"
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self.in_head = False
@@ -332,6 +345,7 @@ class _Connection(asyncio.Protocol):
             "headers": self.headers,
         }
         cycle = _Cycle(self, scope, self.parser.should_keep_alive())
+        cycle.expect_continue = self.expects_continue
         self.parsing = cycle
         if self.cycle is None:
             self._start(cycle)

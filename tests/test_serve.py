@@ -185,3 +185,21 @@ def test_absolute_form_targets_and_queries_reach_the_backend(balancer) -> None:
         (body,) = _bodies(got)
         echoed = json.loads(body)
         assert (echoed["path"], echoed["query"]) == ("/q", "a=1&b=%20"), target
+
+
+def test_expect_100_continue_is_answered_before_the_body(balancer) -> None:
+    url, _ = balancer
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.settimeout(2)  # curl waits 1 s for the 100 before sending anyway
+        sock.sendall(
+            b"POST /api/up HTTP/1.1\r\nHost: x\r\nExpect: 100-Continue\r\n"
+            b"Content-Length: 5\r\nConnection: close\r\n\r\n"
+        )
+        assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(b"hello")
+        got = b""
+        while chunk := sock.recv(65536):
+            got += chunk
+    (body,) = _bodies(got)
+    assert json.loads(body)["body_size"] == 5
