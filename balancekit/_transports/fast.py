@@ -355,8 +355,21 @@ class FastTransport:
             if conn is None:
                 conn = await self._connect(backend, timeouts, pool)
             try:
-                sent_body = await self._write(conn, head, body, headers, timeouts, pool)
-                await self._wait_head(conn, timeouts.read, pool)
+                if body is None:  # the usual case: one write, no coroutine
+                    conn.start()
+                    if conn.transport is None or conn.closed:
+                        raise _Stale
+                    conn.transport.write(head)
+                else:
+                    sent_body = await self._write(conn, head, body, headers, timeouts, pool)
+                timer = conn.loop.call_later(timeouts.read, conn.timed_out)
+                try:
+                    await conn.head
+                except ProxyError as exc:
+                    exc.pool = pool
+                    raise
+                finally:
+                    timer.cancel()
             except _Stale:
                 conn.close()
                 # A kept-alive connection the backend had closed: safe to send
@@ -411,16 +424,6 @@ class FastTransport:
             if conn.error is not None and not conn.head.done():
                 raise _as_proxy_error(conn.error, pool) from exc
         return started
-
-    async def _wait_head(self, conn: _Connection, seconds: float, pool: str) -> None:
-        timer = conn.loop.call_later(seconds, conn.timed_out)
-        try:
-            await conn.head
-        except ProxyError as exc:
-            exc.pool = pool
-            raise
-        finally:
-            timer.cancel()
 
     async def aclose(self) -> None:
         for pooled in self._idle.values():
