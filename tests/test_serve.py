@@ -20,8 +20,6 @@ from balancekit._server import MAX_HEADER_COUNT
 from tests.conftest import closed_port_url, free_port
 from tests.test_commands import Running, started, wait_until_serving
 
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-
 
 @pytest.fixture
 def balancer(upstreams: list[Any], tmp_path: Path) -> Iterator[tuple[str, Running]]:
