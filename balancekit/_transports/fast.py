@@ -201,7 +201,10 @@ class _Connection(asyncio.Protocol):
             return
         self._drained = self.loop.create_future()
         try:
-            await asyncio.wait_for(self._drained, seconds)
+            # asyncio.timeout, not wait_for: in 3.11 wait_for can swallow a
+            # cancellation that arrives as the awaited thing completes.
+            async with asyncio.timeout(seconds):
+                await self._drained
         finally:
             self._drained = None
 
@@ -315,16 +318,14 @@ class FastTransport:
         if tls and self._tls is None:
             self._tls = ssl.create_default_context()
         try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(
+            async with asyncio.timeout(timeouts.connect):  # see drain: not wait_for
+                _, conn = await loop.create_connection(
                     lambda: _Connection(loop),
                     backend.host,
                     backend.port,
                     ssl=self._tls if tls else None,
                     server_hostname=backend.host if tls else None,
-                ),
-                timeouts.connect,
-            )
+                )
         except TimeoutError:
             raise UpstreamTimeout(
                 "upstream did not accept the connection in time", pool=pool, request_sent=False

@@ -9,7 +9,6 @@ many backends do not fire together (HAProxy ``spread-checks``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -21,6 +20,9 @@ if TYPE_CHECKING:
     from .._pool import Pool
 
 logger = logging.getLogger("balancekit")
+
+#: Seconds ``stop`` waits for the checks to end after cancelling them.
+STOP_TIMEOUT = 2.0
 
 
 class HealthScheduler:
@@ -53,9 +55,13 @@ class HealthScheduler:
             tasks.append(self._supervisor)
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # Bounded: a check plugin that swallows its cancellation must not
+        # hang the server's shutdown.
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=STOP_TIMEOUT)
+            for task in pending:
+                task.cancel()
+                logger.warning("pool %s: a health check did not stop when asked", self.pool.name)
         self._tasks.clear()
         await self.check.aclose()
 

@@ -18,9 +18,10 @@ class TCPHealthCheck:
 
     async def check(self, backend: Backend) -> bool:
         try:
-            _, writer = await asyncio.wait_for(
-                asyncio.open_connection(backend.host, backend.port), self.timeout
-            )
+            # asyncio.timeout: wait_for (3.11) can swallow the scheduler's
+            # cancellation when the connection opens at that moment.
+            async with asyncio.timeout(self.timeout):
+                _, writer = await asyncio.open_connection(backend.host, backend.port)
         except (OSError, TimeoutError):
             return False
         writer.close()
