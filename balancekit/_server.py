@@ -93,6 +93,7 @@ class _Cycle:
         "response_done",
         "scope",
         "started",
+        "task",
         "waiter",
     )
 
@@ -109,6 +110,7 @@ class _Cycle:
         self.expect_continue = False
         self.waiter: asyncio.Future[None] | None = None
         self.started = False
+        self.task: asyncio.Task[None] | None = None
         self.head = b""
         self.chunked = False
         self.response_done = False
@@ -375,7 +377,7 @@ class _Connection(asyncio.Protocol):
 
     def _start(self, cycle: _Cycle) -> None:
         self.cycle = cycle
-        task = self.loop.create_task(self._run(cycle))
+        task = cycle.task = self.loop.create_task(self._run(cycle))
         self.server.tasks.add(task)
         task.add_done_callback(self.server.tasks.discard)
 
@@ -429,7 +431,16 @@ class _Connection(asyncio.Protocol):
     def _refuse(self, status: int, detail: str) -> None:
         if self.transport is None or self.closed:
             return
-        if self.cycle is None:
+        answer = self.cycle is None or not self.cycle.started
+        # A request already dispatched is abandoned: its body was malformed,
+        # so nothing of it may reach an upstream that has not seen it yet.
+        for cycle in (self.cycle, self.parsing, *self.pipeline):
+            if cycle is not None and not cycle.response_done:
+                cycle.disconnected = True
+                cycle.wake()
+                if cycle.task is not None:
+                    cycle.task.cancel()
+        if answer:
             _, headers, body = bad_request(detail, status=status)
             head = [_STATUS_LINES[status], b"connection: close\r\n"]
             head += [n + b": " + v + b"\r\n" for n, v in headers]

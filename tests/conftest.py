@@ -6,6 +6,8 @@ picked, and is stopped (and joined) when its fixture ends.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -80,6 +82,50 @@ class ServerThread:
         self.sock.close()
 
 
+class LeanServerThread:
+    """``balancekit serve``'s own server (balancekit._server.LeanServer) for
+    a BalanceMiddleware, on its own event loop in a background thread."""
+
+    def __init__(self, app: Any, *, port: int = 0) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.app = app
+        self.started = threading.Event()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    async def _main(self) -> None:
+        from balancekit._server import LeanServer
+
+        self.loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        server = LeanServer(self.app)
+        await server.start([self.sock])
+        self.started.set()
+        await self._stop.wait()
+        await server.shutdown(grace=5)
+
+    def start(self) -> LeanServerThread:
+        self.thread.start()
+        if not self.started.wait(10):
+            raise RuntimeError(f"lean server on port {self.port} did not start")
+        return self
+
+    def request_exit(self) -> None:
+        if self.loop is not None and self._stop is not None and not self.loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop just ended
+                self.loop.call_soon_threadsafe(self._stop.set)
+
+    def stop(self) -> None:
+        self.request_exit()
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
 class _QuietHandler(WSGIRequestHandler):
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         pass
@@ -117,10 +163,16 @@ class WSGIServerThread:
 def serve() -> Iterator[Callable[..., Any]]:
     """Start any ASGI app (or, with ``wsgi=True``, WSGI app) on a free port;
     every one is stopped afterwards."""
-    started: list[ServerThread | WSGIServerThread] = []
+    started: list[ServerThread | WSGIServerThread | LeanServerThread] = []
 
-    def start(app: Any, *, wsgi: bool = False, **options: Any) -> Any:
-        server = WSGIServerThread(app, **options) if wsgi else ServerThread(app, **options)
+    def start(app: Any, *, wsgi: bool = False, lean: bool = False, **options: Any) -> Any:
+        server: ServerThread | WSGIServerThread | LeanServerThread
+        if wsgi:
+            server = WSGIServerThread(app, **options)
+        elif lean:
+            server = LeanServerThread(app, **options)
+        else:
+            server = ServerThread(app, **options)
         server.start()
         started.append(server)
         return server
@@ -165,8 +217,9 @@ def transport(request: pytest.FixtureRequest) -> str:
 
 
 #: The proxy suites run on every engine: ASGI over each async transport,
-#: WSGI (under werkzeug) over each sync one.
-ENGINES = ["aiohttp", "httpx", "httptools", "wsgi", "wsgi-httpx"]
+#: WSGI (under werkzeug) over each sync one, and ``serve``'s lean server
+#: (with the default transport).
+ENGINES = ["aiohttp", "httpx", "httptools", "lean", "wsgi", "wsgi-httpx"]
 
 
 def asgi_only(transport: str, why: str) -> None:

@@ -46,11 +46,17 @@ def balanced(
     """A balancer serving ``urls`` on ``prefix``, in front of app_fallback.
 
     ``transport`` "wsgi" or "wsgi-httpx" puts the WSGI middleware in front of
-    a WSGI app_fallback instead, with the sync engine's default client or httpx.
+    a WSGI app_fallback instead, with the sync engine's default client or httpx;
+    "lean" serves the middleware on ``balancekit serve``'s own server.
     """
     wsgi = transport.startswith("wsgi")
+    lean = transport == "lean"
+    if wsgi:
+        transport = "httpx" if transport.endswith("httpx") else "aiohttp"
+    elif lean:
+        transport = "httptools"
     config = {
-        "transport": ("httpx" if transport.endswith("httpx") else "aiohttp") if wsgi else transport,
+        "transport": transport,
         "pools": {"api": pool_config(urls, **(pool or {}))},
         "routes": [{"prefix": prefix, "pool": "api", "strip_prefix": strip_prefix}],
         **top,
@@ -59,5 +65,5 @@ def balanced(
     if wsgi:
         server = serve(WSGIBalanceMiddleware(wsgi_fallback, balancer=balancer), wsgi=True)
     else:
-        server = serve(BalanceMiddleware(app_fallback, balancer=balancer))
+        server = serve(BalanceMiddleware(app_fallback, balancer=balancer), lean=lean)
     return server, balancer

@@ -39,6 +39,12 @@ def transport(request: pytest.FixtureRequest) -> str:
 # --- fixtures -----------------------------------------------------------------------
 
 
+@pytest.fixture(params=["aiohttp", "lean"], ids=["uvicorn", "lean-server"])
+def front(request: pytest.FixtureRequest) -> str:
+    """What faces the hostile client: uvicorn, or ``balancekit serve``'s own server."""
+    return str(request.param)
+
+
 class Starter:
     """``serve``, but every server started here is told to exit at once when
     the test ends, so that ``serve`` joins them together, not one by one."""
@@ -56,7 +62,7 @@ class Starter:
 
     def stop_all(self) -> None:
         for server in self.started:
-            server.server.should_exit = True
+            server.request_exit()
 
 
 @pytest.fixture
@@ -303,9 +309,9 @@ HOSTILE = [
 
 @pytest.mark.parametrize("raw", HOSTILE)
 def test_hostile_request_is_refused_and_nothing_reaches_an_upstream(
-    start, echo, raw: bytes
+    start, echo, front, raw: bytes
 ) -> None:
-    server, balancer = balanced(start, [echo.url])
+    server, balancer = balanced(start, [echo.url], transport=front)
     reply, closed = exchange(server.port, raw)
     assert_refused(reply, closed)
     assert b"127.0.0.1" not in reply
@@ -324,10 +330,10 @@ def test_hostile_request_is_refused_and_nothing_reaches_an_upstream(
     ],
 )
 def test_a_valid_chunked_body_is_one_request_and_its_content_stays_body(
-    start, echo, te: bytes
+    start, echo, front, te: bytes
 ) -> None:
     # SMUGGLED travels inside a chunk: it is body, and must arrive as body.
-    server, balancer = balanced(start, [echo.url])
+    server, balancer = balanced(start, [echo.url], transport=front)
     body = chunk(SMUGGLED) + b"0\r\n\r\n"
     reply, closed = exchange(
         server.port,
@@ -437,8 +443,10 @@ def test_absolute_form_target_is_refused_or_stays_on_our_backends(start, upstrea
         pytest.param(b"OPTIONS * HTTP/1.1", id="asterisk-form"),
     ],
 )
-def test_other_target_forms_never_reach_an_upstream(start, echo, request_line: bytes) -> None:
-    server, _ = balanced(start, [echo.url])
+def test_other_target_forms_never_reach_an_upstream(
+    start, echo, front, request_line: bytes
+) -> None:
+    server, _ = balanced(start, [echo.url], transport=front)
     reply, _ = exchange(
         server.port, request_line + b"\r\nHost: evil.example\r\nConnection: close\r\n\r\n"
     )
@@ -464,8 +472,8 @@ def test_other_target_forms_never_reach_an_upstream(start, echo, request_line: b
         pytest.param(b"/api/..%2fx", id="encoded-slash-one-level"),
     ],
 )
-def test_paths_above_the_root_are_400_and_never_forwarded(start, echo, path: bytes) -> None:
-    server, balancer = balanced(start, [echo.url])
+def test_paths_above_the_root_are_400_and_never_forwarded(start, echo, front, path: bytes) -> None:
+    server, balancer = balanced(start, [echo.url], transport=front)
     reply = get(server.port, path)
     assert status_of(reply) == 400, reply[:300]
     headers, _ = split(reply)
@@ -485,18 +493,18 @@ def test_paths_above_the_root_are_400_and_never_forwarded(start, echo, path: byt
     ],
 )
 def test_dot_segments_inside_the_root_are_resolved_before_forwarding(
-    start, echo, path: bytes, expected: str
+    start, echo, front, path: bytes, expected: str
 ) -> None:
-    server, _ = balanced(start, [echo.url])
+    server, _ = balanced(start, [echo.url], transport=front)
     reply = assert_alive(server, path)
     echoed = json.loads(split(reply)[1])
     assert (echoed["path"], echoed["raw_path"]) == (expected, expected)
     assert echo.app.seen == [expected]
 
 
-def test_dot_segments_cannot_leave_the_route(start, echo) -> None:
+def test_dot_segments_cannot_leave_the_route(start, echo, front) -> None:
     # /api/../x resolves to /x: the wrapped app's, never the pool's
-    server, _ = balanced(start, [echo.url])
+    server, _ = balanced(start, [echo.url], transport=front)
     reply = get(server.port, b"/api/../x")
     assert status_of(reply) == 200
     assert split(reply)[1] == b"app"
@@ -786,10 +794,10 @@ def test_extra_bytes_from_an_upstream_never_answer_the_next_request(
 # --- bytes that are not UTF-8 ---------------------------------------------------------
 
 
-def test_an_unrouted_path_that_is_not_utf8_reaches_the_app_untouched(start, echo) -> None:
+def test_an_unrouted_path_that_is_not_utf8_reaches_the_app_untouched(start, echo, front) -> None:
     # CONTRACT section 2: requests that match no route go to the wrapped
     # application untouched; only routed ones are the balancer's business.
-    server, _ = balanced(start, [echo.url])
+    server, _ = balanced(start, [echo.url], transport=front)
     reply = get(server.port, b"/files/%ff%fe")
     assert status_of(reply) == 200, reply[:400]
     assert split(reply)[1] == b"app"
@@ -804,11 +812,11 @@ def test_an_unrouted_path_that_is_not_utf8_reaches_the_app_untouched(start, echo
     ],
 )
 def test_a_routed_path_that_is_not_utf8_is_refused_or_forwarded_as_sent(
-    start, echo, path: bytes
+    start, echo, front, path: bytes
 ) -> None:
     # overlong UTF-8 dots are dots to some backends: if forwarded at all,
     # the bytes go upstream exactly as sent, never decoded into "..".
-    server, balancer = balanced(start, [echo.url])
+    server, balancer = balanced(start, [echo.url], transport=front)
     reply = get(server.port, path)
     status = status_of(reply)
     if status == 200:

@@ -398,10 +398,14 @@ class FastTransport:
         transport = conn.transport
         if transport is None or conn.closed:
             raise _Stale
-        transport.write(head)
         if body is None:
+            transport.write(head)
             return False
         chunked = not any(name == b"content-length" for name, _ in headers)
+        # The head goes out with the body's first part, in one write: a
+        # client whose body turns out malformed (or who leaves first) never
+        # reaches the upstream at all.
+        pending = head
         started = False
         try:
             async for chunk in body:
@@ -409,13 +413,18 @@ class FastTransport:
                 if conn.gone():
                     break
                 if chunked:
-                    if chunk:
-                        transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    data = b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunk else b""
                 else:
-                    transport.write(chunk)
+                    data = chunk
+                if pending:
+                    data, pending = pending + data, b""
+                if data:
+                    transport.write(data)
                 await conn.drain(timeouts.write)
-            if chunked and not conn.gone():
-                transport.write(b"0\r\n\r\n")
+            if not conn.gone():
+                end = pending + (b"0\r\n\r\n" if chunked else b"")
+                if end:
+                    transport.write(end)
         except TimeoutError:
             conn.close()
             raise UpstreamTimeout(
