@@ -17,7 +17,6 @@ import hashlib
 import json
 import socket
 import struct
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ import httptools
 import pytest
 
 from tests.helpers import balanced
+from tests.upstreams import SocketServer
 
 #: Transports compared with the reference (aiohttp).
 CANDIDATES = ["httptools"]
@@ -148,59 +148,29 @@ class _RequestParsing:
         self.current = Seen()
 
 
-class ScriptedBackend:
+class ScriptedBackend(SocketServer):
     """A raw HTTP/1.1 server answering each request by its case's script."""
 
     def __init__(self) -> None:
         self.seen: list[Seen] = []
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(32)
-        self.sock.settimeout(0.1)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self._stop = False
-        self._threads: list[threading.Thread] = []
-        self._accept = threading.Thread(target=self._serve, daemon=True)
-        self._accept.start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while not self._stop:
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            thread = threading.Thread(target=self._handle, args=(conn,), daemon=True)
-            self._threads.append(thread)
-            thread.start()
-
-    def _handle(self, conn: socket.socket) -> None:
+    def handle(self, conn: socket.socket) -> None:
         def on_head(seen: Seen) -> None:
             if ("expect", "100-continue") in seen.headers:
                 conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
 
         parsing = _RequestParsing(on_head)
-        conn.settimeout(0.1)
-        with conn:
-            while not self._stop:
-                try:
-                    data = conn.recv(1 << 20)
-                except TimeoutError:
-                    continue
-                except OSError:
+        for data in self.chunks(conn):
+            try:
+                parsing.parser.feed_data(data)
+            except httptools.HttpParserError:
+                return
+            while parsing.done:
+                seen = parsing.done.pop(0)
+                self.seen.append(seen)
+                if not self._answer(conn, seen):
                     return
-                if not data:
-                    return
-                try:
-                    parsing.parser.feed_data(data)
-                except httptools.HttpParserError:
-                    return
-                while parsing.done:
-                    seen = parsing.done.pop(0)
-                    self.seen.append(seen)
-                    if not self._answer(conn, seen):
-                        return
 
     def _answer(self, conn: socket.socket, seen: Seen) -> bool:
         """Play the case's script; False when it ended the connection."""
@@ -219,13 +189,6 @@ class ScriptedBackend:
         except OSError:
             return False
         return True
-
-    def close(self) -> None:
-        self._stop = True
-        self._accept.join(timeout=2)
-        for thread in self._threads:
-            thread.join(timeout=5)
-        self.sock.close()
 
 
 # --- what the client does ------------------------------------------------------------

@@ -5,7 +5,6 @@ stale connections, interim answers, bodies ended by close, HEAD."""
 from __future__ import annotations
 
 import socket
-import threading
 from collections.abc import Iterator
 
 import httpx
@@ -13,64 +12,28 @@ import pytest
 
 from tests.helpers import balanced
 from tests.test_hostile import ScriptedUpstream
+from tests.upstreams import SocketServer
 
 
-class CountingUpstream:
+class CountingUpstream(SocketServer):
     """A keep-alive server answering "ok" to every request, counting the
     connections it accepted."""
 
     def __init__(self) -> None:
         self.connections = 0
         self.requests = 0
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.sock.settimeout(0.1)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self._stop = False
-        self._threads: list[threading.Thread] = []
-        self._accept = threading.Thread(target=self._serve, daemon=True)
-        self._accept.start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while not self._stop:
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.connections += 1
-            thread = threading.Thread(target=self._handle, args=(conn,), daemon=True)
-            self._threads.append(thread)
-            thread.start()
-
-    def _handle(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(0.1)
-            data = b""
-            while not self._stop:
-                try:
-                    got = conn.recv(65536)
-                except TimeoutError:
-                    continue
-                except OSError:
-                    return
-                if not got:
-                    return
-                data += got
-                while b"\r\n\r\n" in data:
-                    request, _, data = data.partition(b"\r\n\r\n")
-                    self.requests += 1
-                    body = b"" if request.startswith(b"HEAD ") else b"ok"
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n" + body)
-
-    def close(self) -> None:
-        self._stop = True
-        self._accept.join(timeout=2)
-        for thread in self._threads:
-            thread.join(timeout=2)
-        self.sock.close()
+    def handle(self, conn: socket.socket) -> None:
+        self.connections += 1
+        data = b""
+        for got in self.chunks(conn):
+            data += got
+            while b"\r\n\r\n" in data:
+                request, _, data = data.partition(b"\r\n\r\n")
+                self.requests += 1
+                body = b"" if request.startswith(b"HEAD ") else b"ok"
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n" + body)
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import IO, Any
@@ -23,7 +22,7 @@ from balancekit._types import Message
 from balancekit.asgi import BalanceMiddleware
 from tests.conftest import ENGINES, ServerThread, asgi_only
 from tests.helpers import app_fallback, balanced
-from tests.upstreams import make_echo_app
+from tests.upstreams import SocketServer, make_echo_app
 
 QUIET = 1.0  # seconds of silence after which a reply is taken as complete
 SMUGGLED = b"GET /api/smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -624,7 +623,7 @@ def test_a_garbage_answer_to_a_get_is_retried_on_the_healthy_backend(
 # --- upstreams that answer what no HTTP server should ---------------------------------
 
 
-class ScriptedUpstream:
+class ScriptedUpstream(SocketServer):
     """Answers every request (read up to its blank line) with ``response``.
 
     ``keep_open``: the connection stays open for the next request, as a
@@ -635,58 +634,21 @@ class ScriptedUpstream:
         self.response = response
         self.keep_open = keep_open
         self.requests = 0
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.sock.settimeout(0.1)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self._stop = False
-        self._threads: list[threading.Thread] = []
-        self._accept = threading.Thread(target=self._serve, daemon=True)
-        self._accept.start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while not self._stop:
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            thread = threading.Thread(target=self._handle, args=(conn,), daemon=True)
-            self._threads.append(thread)
-            thread.start()
-
-    def _handle(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(0.1)
-            data = b""
-            while not self._stop:
+    def handle(self, conn: socket.socket) -> None:
+        data = b""
+        for got in self.chunks(conn):
+            data += got
+            while b"\r\n\r\n" in data:
+                _, _, data = data.partition(b"\r\n\r\n")
+                self.requests += 1
                 try:
-                    got = conn.recv(65536)
-                except TimeoutError:
-                    continue
+                    conn.sendall(self.response)
                 except OSError:
                     return
-                if not got:
+                if not self.keep_open:
                     return
-                data += got
-                while b"\r\n\r\n" in data:
-                    _, _, data = data.partition(b"\r\n\r\n")
-                    self.requests += 1
-                    try:
-                        conn.sendall(self.response)
-                    except OSError:
-                        return
-                    if not self.keep_open:
-                        return
-
-    def close(self) -> None:
-        self._stop = True
-        self._accept.join(timeout=2)
-        for thread in self._threads:
-            thread.join(timeout=2)
-        self.sock.close()
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -160,7 +161,69 @@ async def _websocket(scope: dict[str, Any], receive: Any, send: Any) -> None:
             await send({"type": "websocket.send", "bytes": message.get("bytes", b"")[::-1]})
 
 
-class RawServer:
+class SocketServer:
+    """A threaded TCP server on 127.0.0.1 for raw, scripted HTTP.
+
+    Each accepted connection gets a thread running :meth:`handle` (closed
+    after it); ``stopping`` turns true at :meth:`close`, which joins them
+    all. Subclasses set their own attributes before calling ``__init__``:
+    the server accepts from then on.
+    """
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.sock.settimeout(0.1)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.stopping = False
+        self._threads: list[threading.Thread] = []
+        self._accept = threading.Thread(target=self._serve, daemon=True)
+        self._accept.start()
+
+    def _serve(self) -> None:
+        while not self.stopping:
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            thread = threading.Thread(target=self._run, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _run(self, conn: socket.socket) -> None:
+        with conn:
+            self.handle(conn)
+
+    def handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def chunks(self, conn: socket.socket) -> Iterator[bytes]:
+        """What the peer sends, as it comes, until it closes or the server stops."""
+        conn.settimeout(0.1)
+        while not self.stopping:
+            try:
+                got = conn.recv(1 << 20)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if not got:
+                return
+            yield got
+
+    def close(self) -> None:
+        self.stopping = True
+        self._accept.join(timeout=2)
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self.sock.close()
+
+
+class RawServer(SocketServer):
     """A socket server answering every request with a fixed misbehaviour.
 
     ``mode``: ``garbage`` (not HTTP), ``reset`` (RST after reading the
@@ -172,55 +235,31 @@ class RawServer:
     def __init__(self, mode: str) -> None:
         self.mode = mode
         self.requests = 0
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._stop = False
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        self.sock.settimeout(0.1)
-        while not self._stop:
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    def _handle(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(5)
-            data = b""
-            try:
-                while b"\r\n\r\n" not in data:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    data += chunk
-            except OSError:
-                return
-            self.requests += 1
-            if self.mode == "garbage":
-                conn.sendall(b"THIS IS NOT HTTP\r\n\r\n")
-            elif self.mode == "reset":
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            elif self.mode == "stall":
-                deadline = time.monotonic() + 10
-                while not self._stop and time.monotonic() < deadline:
-                    time.sleep(0.05)
-            elif self.mode == "truncated":
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"y" * 100)
-            # "close": nothing at all
-
-    def close(self) -> None:
-        self._stop = True
-        self._thread.join(timeout=2)
-        self.sock.close()
+    def handle(self, conn: socket.socket) -> None:
+        conn.settimeout(5)
+        data = b""
+        try:
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+        except OSError:
+            return
+        self.requests += 1
+        if self.mode == "garbage":
+            conn.sendall(b"THIS IS NOT HTTP\r\n\r\n")
+        elif self.mode == "reset":
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        elif self.mode == "stall":
+            deadline = time.monotonic() + 10
+            while not self.stopping and time.monotonic() < deadline:
+                time.sleep(0.05)
+        elif self.mode == "truncated":
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"y" * 100)
+        # "close": nothing at all
 
 
 class NamedUpstream:
