@@ -356,13 +356,16 @@ class FastTransport:
             if conn is None:
                 conn = await self._connect(backend, timeouts, pool)
             try:
+                conn.start()
+                transport = conn.transport
+                if transport is None or conn.closed:
+                    raise _Stale
                 if body is None:  # the usual case: one write, no coroutine
-                    conn.start()
-                    if conn.transport is None or conn.closed:
-                        raise _Stale
-                    conn.transport.write(head)
+                    transport.write(head)
                 else:
-                    sent_body = await self._write(conn, head, body, headers, timeouts, pool)
+                    sent_body = await self._write(
+                        conn, transport, head, body, headers, timeouts, pool
+                    )
                 timer = conn.loop.call_later(timeouts.read, conn.timed_out)
                 try:
                     await conn.head
@@ -388,19 +391,14 @@ class FastTransport:
     async def _write(
         self,
         conn: _Connection,
+        transport: asyncio.Transport,
         head: bytes,
-        body: AsyncIterable[bytes] | None,
+        body: AsyncIterable[bytes],
         headers: RawHeaders,
         timeouts: TimeoutsConfig,
         pool: str,
     ) -> bool:
-        conn.start()
-        transport = conn.transport
-        if transport is None or conn.closed:
-            raise _Stale
-        if body is None:
-            transport.write(head)
-            return False
+        """Send ``head`` and stream ``body`` after it; whether any body was read."""
         chunked = not any(name == b"content-length" for name, _ in headers)
         # The head goes out with the body's first part, in one write: a
         # client whose body turns out malformed (or who leaves first) never
