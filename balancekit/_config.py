@@ -178,6 +178,9 @@ class PoolConfig(_Model):
     )
     preserve_host: bool = False
     max_connections: PositiveInt = 1024
+    #: A request body up to this many bytes is read whole before a backend
+    #: is picked (a slow client then holds no backend); 0 streams every body.
+    request_buffer: NonNegativeInt = 0
     panic_threshold: Percent = 50
     slow_start: OptionalDuration = 0.0
     timeouts: TimeoutsConfig = TimeoutsConfig()

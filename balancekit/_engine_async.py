@@ -52,30 +52,58 @@ class ClientDisconnected(Exception):
 class RequestBody:
     """The client's body, pulled from ``receive`` as the upstream asks for it.
 
-    ``started`` tells whether any of it was consumed: a body not yet read
-    can still be sent to another backend on a retry.
+    ``buffer(limit)`` reads up to ``limit`` bytes ahead (the pool's
+    ``request_buffer``), before any backend is picked. ``replayable`` tells
+    whether the body can still go to another backend on a retry: none of
+    it consumed yet, or all of it buffered.
     """
 
-    __slots__ = ("_on_complete", "_receive", "done", "started")
+    __slots__ = ("_buffered", "_on_complete", "_receive", "done", "started", "whole")
 
     def __init__(self, receive: Receive, on_complete: Callable[[], None]) -> None:
         self._receive = receive
         self._on_complete = on_complete
+        self._buffered: list[bytes] = []
         self.started = False
         self.done = False
+        self.whole = False  # read into _buffered to its end
+
+    @property
+    def replayable(self) -> bool:
+        return self.whole or not self.started
+
+    async def _next(self) -> bytes:
+        message = await self._receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected
+        if not message.get("more_body", False):
+            self.done = True
+            self._on_complete()
+        body: bytes = message.get("body", b"")
+        return body
+
+    async def buffer(self, limit: int) -> None:
+        """Read the body ahead while it stays within ``limit`` bytes."""
+        size = 0
+        while not self.done and size <= limit:
+            chunk = await self._next()
+            if chunk:
+                self._buffered.append(chunk)
+                size += len(chunk)
+        self.whole = self.done and size <= limit
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         self.started = True
+        if self.whole:  # kept for a retry
+            for chunk in self._buffered:
+                yield chunk
+            return
+        while self._buffered:
+            yield self._buffered.pop(0)
         while not self.done:
-            message = await self._receive()
-            if message["type"] == "http.disconnect":
-                raise ClientDisconnected
-            body = message.get("body", b"")
-            if not message.get("more_body", False):
-                self.done = True
-                self._on_complete()
-            if body:
-                yield body
+            chunk = await self._next()
+            if chunk:
+                yield chunk
 
 
 class AsyncEngine:
@@ -138,7 +166,7 @@ class AsyncEngine:
                 self._ws_transport = AiohttpTransport()
             await proxy_websocket(self, pool, route, path, raw_path, scope, receive, send)
             return
-        has_body, problem = inspect_request(scope["headers"])
+        has_body, problem = inspect_request(scope["headers"], scope.get("http_version", "1.1"))
         if problem is not None:
             refusal = bad_request(f"refused: {problem}", status=refusal_status(problem))
             await _respond(send, *refusal)
@@ -264,6 +292,8 @@ class _Exchange:
         preserve_host = pool.config.preserve_host
         transport = self.engine.transport
         body = self.body
+        if body is not None and pool.config.request_buffer:
+            await body.buffer(pool.config.request_buffer)
         persistence = pool.persistence
         pinned = None if persistence is None else await persistence.afind(self.request, pool)
         attempts = Attempts(pool, self.request, pinned)
@@ -289,7 +319,7 @@ class _Exchange:
                         self.disconnected = True  # says nothing of the backend
                         return
                     attempts.release(ok=False, code=exc.status_code)
-                    if attempts.retry(exc, body_replayable=body is None or not body.started):
+                    if attempts.retry(exc, body_replayable=body is None or body.replayable):
                         continue
                     await self._problem(exc)
                     return

@@ -75,6 +75,12 @@ def environ_headers(environ: Environ) -> RawHeaders:
     return headers
 
 
+def _http_version(environ: Environ) -> str:
+    """``"1.1"`` for ``SERVER_PROTOCOL = "HTTP/1.1"``, as ASGI's http_version."""
+    protocol: str = environ.get("SERVER_PROTOCOL", "HTTP/1.1")
+    return protocol[5:] if protocol[:5] == "HTTP/" else protocol
+
+
 def text_headers(headers: RawHeaders) -> list[tuple[str, str]]:
     return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers]
 
@@ -87,33 +93,63 @@ class RequestBody:
     """The client's body, read from ``wsgi.input`` as the upstream takes it.
 
     ``length`` is the Content-Length, or None for a chunked body that the
-    server ends for us (``wsgi.input_terminated``). ``started`` tells
-    whether any of it was consumed: an unread body can still go to another
-    backend on a retry.
+    server ends for us (``wsgi.input_terminated``). ``buffer(limit)`` reads
+    up to ``limit`` bytes ahead (the pool's ``request_buffer``) before a
+    backend is picked. ``replayable`` tells whether the body can still go to
+    another backend on a retry: none of it consumed yet, or all of it
+    buffered.
     """
 
-    __slots__ = ("_input", "length", "started")
+    __slots__ = ("_buffered", "_input", "_left", "length", "started", "whole")
 
     def __init__(self, stream: Any, length: int | None) -> None:
         self._input = stream
         self.length = length
+        self._left = length  # None: read to the end the server gives
+        self._buffered: list[bytes] = []
         self.started = False
+        self.whole = False
+
+    @property
+    def replayable(self) -> bool:
+        return self.whole or not self.started
+
+    def _read(self) -> bytes:
+        """The next part of the body; b"" at its end."""
+        left = self._left
+        if left == 0:
+            return b""
+        try:
+            chunk: bytes = self._input.read(BODY_CHUNK if left is None else min(BODY_CHUNK, left))
+        except Exception as exc:  # each server has its own "client went away"
+            raise ClientDisconnected(str(exc)) from exc
+        if left is not None:
+            if not chunk:
+                raise ClientDisconnected(f"request body ended {left} bytes short")
+            self._left = left - len(chunk)
+        return chunk
+
+    def buffer(self, limit: int) -> None:
+        """Read the body ahead while it stays within ``limit`` bytes."""
+        if self.length is not None and self.length > limit:
+            return  # streams from its start, as it would unbuffered
+        size = 0
+        while size <= limit:
+            chunk = self._read()
+            if not chunk:
+                self.whole = True
+                return
+            self._buffered.append(chunk)
+            size += len(chunk)
 
     def __iter__(self) -> Iterator[bytes]:
         self.started = True
-        read = self._input.read
-        left = self.length
-        while left is None or left > 0:
-            try:
-                chunk = read(BODY_CHUNK if left is None else min(BODY_CHUNK, left))
-            except Exception as exc:  # each server has its own "client went away"
-                raise ClientDisconnected(str(exc)) from exc
-            if not chunk:
-                if left is not None:
-                    raise ClientDisconnected(f"request body ended {left} bytes short")
-                return
-            if left is not None:
-                left -= len(chunk)
+        if self.whole:  # kept for a retry
+            yield from self._buffered
+            return
+        while self._buffered:
+            yield self._buffered.pop(0)
+        while chunk := self._read():
             yield chunk
 
 
@@ -143,7 +179,7 @@ class SyncEngine:
         """Proxy one request matched by ``route``; ``raw_path`` is normalised."""
         pool = self.balancer.pools[route.pool]
         headers = environ_headers(environ)
-        has_body, problem = inspect_request(headers)
+        has_body, problem = inspect_request(headers, _http_version(environ))
         if problem is not None:
             return respond(
                 start_response, *bad_request(f"refused: {problem}", status=refusal_status(problem))
@@ -198,6 +234,8 @@ class SyncEngine:
             host=None if pool.config.preserve_host else b"",
         )
         preserve_host = pool.config.preserve_host
+        if body is not None and pool.config.request_buffer:
+            body.buffer(pool.config.request_buffer)
         persistence = pool.persistence
         pinned = None if persistence is None else persistence.find(request, pool)
         attempts = Attempts(pool, request, pinned)
@@ -223,7 +261,7 @@ class SyncEngine:
                         attempts.release(ok=True, timed=False)  # says nothing of the backend
                         raise ClientDisconnected from exc
                     attempts.release(ok=False, code=exc.status_code)
-                    if attempts.retry(exc, body_replayable=body is None or not body.started):
+                    if attempts.retry(exc, body_replayable=body is None or body.replayable):
                         continue
                     return self._problem(exc, request, target, pool, start_response)
                 if not valid_status(response.status):

@@ -30,29 +30,44 @@ MAX_HEADER_COUNT = 100
 HEADERS_TOO_LARGE = "request headers too large"
 
 
-def inspect_request(headers: RawHeaders) -> tuple[bool, str | None]:
+def inspect_request(headers: RawHeaders, http_version: str = "1.1") -> tuple[bool, str | None]:
     """Whether the request has a body, and why it must be refused (or None).
 
     Refused: more header bytes or fields than ``MAX_HEADER_BYTES`` and
-    ``MAX_HEADER_COUNT`` (uvicorn's httptools parser sets no limit), and
-    body framing that is unsafe to forward. Servers reject most bad framing
-    themselves; checking again costs nothing extra in this same pass and
-    closes the door on smuggling through a lenient server.
+    ``MAX_HEADER_COUNT`` (uvicorn's httptools parser sets no limit); a
+    request that names no single host, that is two Host fields or none in
+    HTTP/1.1 (RFC 9112 section 3.2); and body framing that is unsafe to
+    forward: Content-Length with Transfer-Encoding, a Content-Length that
+    is not one number, Transfer-Encoding from an HTTP/1.0 client (section
+    6.1: faulty framing). Servers reject most of this themselves; checking
+    again costs nothing extra in this same pass and closes the door on
+    smuggling through a lenient server. ``http_version`` is the request's,
+    as ASGI's ``http_version`` gives it.
     """
     length = None
     chunked = conflict = False
-    size = 0
+    size = hosts = 0
     for name, value in headers:
         size += len(name) + len(value)
-        if name == b"content-length":
+        if name == b"host":
+            # A WSGI server joins repeated fields with commas; no host has one.
+            hosts += 2 if b"," in value else 1
+        elif name == b"content-length":
+            value = value.strip(b" \t")  # OWS is not part of the value (RFC 9110 5.5)
             conflict = conflict or (length is not None and value != length)
             length = value
         elif name == b"transfer-encoding":
             chunked = True
     if size > MAX_HEADER_BYTES or len(headers) > MAX_HEADER_COUNT:
         return False, HEADERS_TOO_LARGE
+    if hosts > 1:
+        return False, "more than one Host"
+    if not hosts and http_version == "1.1":  # HTTP/2 and /3 may name it :authority
+        return False, "no Host"
     if chunked and length is not None:
         return True, "both Content-Length and Transfer-Encoding"
+    if chunked and http_version == "1.0":
+        return True, "Transfer-Encoding in an HTTP/1.0 request"
     if length is not None and (conflict or not length.isdigit()):
         return True, "invalid Content-Length"
     return chunked or (length is not None and length.strip(b"0") != b""), None

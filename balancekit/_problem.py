@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from http import HTTPStatus
 
 from ._exceptions import NoEligibleBackend, ProxyError
 
@@ -31,17 +32,12 @@ def problem_response(error: ProxyError) -> tuple[int, list[tuple[bytes, bytes]],
     return error.status_code, headers, payload
 
 
-_TITLES = {
-    400: "Bad Request",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-}
-
-
 def bad_request(detail: str, *, status: int = 400) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    """A 4xx problem for a request balancekit refuses to forward."""
+    """A problem for a request balancekit refuses to forward (or could not
+    serve): ``status`` is any status :class:`http.HTTPStatus` names."""
+    title = HTTPStatus(status).phrase
     payload = json.dumps(
-        {"type": "about:blank", "title": _TITLES[status], "status": status, "detail": detail}
+        {"type": "about:blank", "title": title, "status": status, "detail": detail}
     ).encode()
     return (
         status,

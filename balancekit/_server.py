@@ -205,6 +205,10 @@ class _Cycle:
                 self.keep_alive = False  # the body ends with the connection
         if not self.keep_alive:
             parts.append(b"connection: close\r\n")
+        elif self.scope["http_version"] == "1.0":
+            # An HTTP/1.0 client keeps the connection only if told so
+            # (RFC 9112 section 9.3 and appendix C.2.2).
+            parts.append(b"connection: keep-alive\r\n")
         parts.append(b"\r\n")
         return b"".join(parts)
 
@@ -216,6 +220,9 @@ class _Connection(asyncio.Protocol):
         self.loop = server.loop
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
+        # Any HTTP/1.x is parsed; on_headers_complete serves a minor version
+        # above 1 as HTTP/1.1 and refuses 0.9 and 2+ (RFC 9112 section 2.3).
+        self.parser.set_dangerous_leniencies(lenient_version=True)
         self.client: tuple[str, int] | None = None
         self.local: tuple[str, int] | None = None
         self.cycle: _Cycle | None = None  # the one being answered
@@ -224,6 +231,9 @@ class _Connection(asyncio.Protocol):
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_size = 0  # of the URL and fields parsed so far
+        self.hosts = 0  # Host fields in the head
+        self.framed = False  # a Transfer-Encoding field in the head
+        self.in_body = False  # past the head: fields now are trailers
         self.expects_continue = False
         self.head_bytes = 0
         self.in_head = False
@@ -299,6 +309,8 @@ class _Connection(asyncio.Protocol):
         self.url = b""
         self.headers = []
         self.head_size = 0
+        self.hosts = 0
+        self.framed = self.in_body = False
         self.expects_continue = False
         if not self.in_head:
             self.in_head = True
@@ -310,18 +322,39 @@ class _Connection(asyncio.Protocol):
         self.head_size += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.in_body:
+            # A chunked body's trailer section: httptools reports it here
+            # too. Trailer fields are never merged into the header section
+            # (RFC 9110 section 6.5.1); as NGINX, they are dropped.
+            return
         self.head_size += len(name) + len(value)
         name = name.lower()
-        if name == b"expect":
+        # llhttp keeps a value's trailing whitespace, which is not part of it
+        # (RFC 9110 section 5.5): "Content-Length: 5 " is 5.
+        value = value.rstrip(b" \t")
+        if name == b"host":
+            self.hosts += 1
+        elif name == b"transfer-encoding":
+            self.framed = True
+        elif name == b"expect":
             self.expects_continue = value.lower() == b"100-continue"
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self.in_head = False
+        self.in_body = True
         if self.closed:
             return
         if self.head_size > MAX_HEAD_BYTES or len(self.headers) > MAX_HEADER_COUNT:
             self._refuse(431, "request head too large")
+            return
+        stated = self.parser.get_http_version()
+        version = stated if stated == "1.1" else self._version(stated)
+        if version is None:
+            return
+        # RFC 9112 section 3.2: exactly one Host, which HTTP/1.1 must send.
+        if self.hosts > 1 or (not self.hosts and version == "1.1"):
+            self._refuse(400, "more than one Host" if self.hosts else "no Host")
             return
         if self.parser.should_upgrade():
             return  # feed_data raises HttpParserUpgrade next: see _upgrade
@@ -335,7 +368,7 @@ class _Connection(asyncio.Protocol):
         scope = {
             "type": "http",
             "asgi": _ASGI,
-            "http_version": self.parser.get_http_version(),
+            "http_version": version,
             "server": self.local,
             "client": self.client,
             "scheme": "http",
@@ -354,6 +387,24 @@ class _Connection(asyncio.Protocol):
         else:
             self.pipeline.append(cycle)
             self._pause_reading()
+
+    def _version(self, version: str) -> str | None:
+        """The version a request other than HTTP/1.1 is served as, or None
+        when it was refused (RFC 9112 sections 2.3 and 6.1)."""
+        if version == "1.0":
+            if self.framed:
+                # Transfer-Encoding from HTTP/1.0 is faulty framing: the
+                # body's end is unknowable, so the connection goes too.
+                self._refuse(400, "Transfer-Encoding in an HTTP/1.0 request")
+                return None
+            return version
+        if version[:2] == "1.":
+            return "1.1"  # a later HTTP/1 minor version is served as HTTP/1.1
+        if version[:1] == "0":  # no version in the request line, or HTTP/0.9
+            self._refuse(400, "HTTP/0.9 is not served")
+        else:
+            self._refuse(505, f"HTTP/{version} is not served over HTTP/1")
+        return None
 
     def on_body(self, body: bytes) -> None:
         cycle = self.parsing
@@ -441,8 +492,9 @@ class _Connection(asyncio.Protocol):
                 if cycle.task is not None:
                     cycle.task.cancel()
         if answer:
+            # bad_request's headers hold the one Connection: close.
             _, headers, body = bad_request(detail, status=status)
-            head = [_STATUS_LINES[status], b"connection: close\r\n"]
+            head = [_STATUS_LINES[status], self.server.clock.date()]
             head += [n + b": " + v + b"\r\n" for n, v in headers]
             self.transport.write(b"".join(head) + b"\r\n" + body)
         self.close()
@@ -472,6 +524,14 @@ class _Connection(asyncio.Protocol):
 
     def idle(self) -> bool:
         return self.cycle is None and self.parsing is None and not self.in_head
+
+    def time_out(self) -> None:
+        """Drop an expired connection; a head begun and left unfinished is
+        told why (408, as Apache does), an idle keep-alive is just closed."""
+        if self.in_head and self.head_bytes:
+            self._refuse(408, "request head not received in time")
+        else:
+            self.close()
 
     def expired(self, now: float) -> bool:
         """A head read too slowly (slowloris), or a keep-alive left idle."""
@@ -510,7 +570,7 @@ class LeanServer:
             now = time.monotonic()
             for conn in list(self.connections):
                 if conn.expired(now):
-                    conn.close()
+                    conn.time_out()
 
     def websocket_protocol(self) -> asyncio.Protocol:
         if self._ws is None:

@@ -147,6 +147,7 @@ def _server(app: Any, **options: Any) -> Any:
 
     # proxy_headers off: X-Forwarded-* are judged by trusted_proxies, not by uvicorn.
     options = {
+        "http": "balancekit.uvicorn:HttpToolsProtocol",  # drops request trailers
         "lifespan": "on",
         "log_level": "warning",
         "access_log": False,
