@@ -494,3 +494,34 @@ def test_a_buffered_body_is_retried_on_another_backend(serve, upstream) -> None:
         assert [seen.body for seen in upstream.received] == [b"hello", b"hello"]
     finally:
         failing.close()
+
+
+def test_a_chunked_body_a_wsgi_server_cannot_end_is_411(upstream) -> None:
+    """A WSGI server without wsgi.input_terminated hands over a chunked body
+    it cannot end: the answer asks for a length (it raised KeyError once)."""
+    import io
+
+    config = {
+        "pools": {"api": {"backends": [upstream.url]}},
+        "routes": [{"prefix": "/api/", "pool": "api"}],
+    }
+    app = WSGIBalanceMiddleware(_not_found_wsgi, config=config)
+    started: list[str] = []
+    upstream.received.clear()
+    environ = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/api/a",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "HTTP_HOST": "a",
+        "HTTP_TRANSFER_ENCODING": "chunked",
+        "wsgi.input": io.BytesIO(b"5\r\nhello\r\n0\r\n\r\n"),
+        "wsgi.url_scheme": "http",
+        "REMOTE_ADDR": "127.0.0.1",
+    }
+    try:
+        body = b"".join(app(environ, lambda status, headers: started.append(status)))
+    finally:
+        app.balancer.close()
+    assert started == ["411 Length Required"]
+    assert b'"title": "Length Required"' in body
+    assert upstream.received == []
