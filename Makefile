@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench clean
+.PHONY: demo test lint typecheck pytest fuzz bench clean
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -27,6 +27,10 @@ pytest: $(STAMP)
 	PYTHONDEVMODE=1 $(PY) -m pytest -W error::ResourceWarning $(PYTEST_ARGS)
 
 test: lint typecheck pytest
+
+# The atheris fuzzers from their committed seeds, FUZZ_SECONDS (30) each.
+fuzz: $(STAMP)
+	PY=$(PY) bash fuzz/run.sh
 
 bench: $(STAMP)
 	$(PY) bench/proxy_bench.py

@@ -38,6 +38,8 @@ class Collect:
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.complete = False
+        self.version = "1.1"
+        self.parser = httptools.HttpRequestParser(self)
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -47,12 +49,13 @@ class Collect:
 
     def on_headers_complete(self) -> None:
         self.complete = True
+        self.version = self.parser.get_http_version()
 
 
 def one_input(data: bytes) -> None:
     got = Collect()
     try:
-        httptools.HttpRequestParser(got).feed_data(data)
+        got.parser.feed_data(data)
     except httptools.HttpParserUpgrade:
         pass
     except httptools.HttpParserError:
@@ -73,7 +76,9 @@ def one_input(data: bytes) -> None:
     assert "/../" not in path + "/" and "/./" not in path + "/", path
     assert "/../" not in raw + "/" and "/./" not in raw + "/", raw
     ROUTES.match(path)
-    inspect_request(got.headers)
+    _, problem = inspect_request(got.headers, got.version)
+    if problem is None:  # what is forwarded names one host at most
+        assert [name for name, _ in got.headers].count(b"host") <= 1, got.headers
     out = upstream_request_headers(
         got.headers, client_ip="203.0.113.9", scheme="http", trusted=False, host=b"b:80"
     )
