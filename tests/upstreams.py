@@ -178,12 +178,16 @@ class SocketServer:
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.stopping = False
+        self.accepting = threading.Event()
+        self.accepting.set()
         self._threads: list[threading.Thread] = []
         self._accept = threading.Thread(target=self._serve, daemon=True)
         self._accept.start()
 
     def _serve(self) -> None:
         while not self.stopping:
+            if not self.accepting.wait(0.1):
+                continue
             try:
                 conn, _ = self.sock.accept()
             except TimeoutError:
@@ -200,6 +204,17 @@ class SocketServer:
 
     def handle(self, conn: socket.socket) -> None:
         raise NotImplementedError
+
+    def stop_accepting(self) -> None:
+        """Accept nothing more, with an accept queue of one: once it is full
+        the kernel drops new SYNs, so connects hang as to a vanished host."""
+        self.accepting.clear()
+        self.sock.listen(0)
+
+    def start_accepting(self) -> None:
+        """Undo :meth:`stop_accepting`: the queued connections are served."""
+        self.sock.listen(64)
+        self.accepting.set()
 
     def chunks(self, conn: socket.socket) -> Iterator[bytes]:
         """What the peer sends, as it comes, until it closes or the server stops."""
