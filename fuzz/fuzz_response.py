@@ -19,7 +19,8 @@ import sys
 
 import atheris
 
-with atheris.instrument_imports():
+# Only balancekit is instrumented (see fuzz_request.py).
+with atheris.instrument_imports(include=["balancekit"]):
     from balancekit._exceptions import ProxyError
     from balancekit._transports.fast import FastResponse, _Connection
 
