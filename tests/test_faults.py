@@ -64,14 +64,6 @@ INTERVAL, CHECK_TIMEOUT, FALL, RISE = 0.2, 0.3, 2, 1
 CONNECT_TIMEOUT, READ_TIMEOUT = 0.3, 0.6
 #: An echo answer's head is about 150 bytes and its body 700: 300 is mid-body.
 MID_BODY = 300
-#: Faults that strike after the client has the head: GETs may fail there.
-#: The httptools transport sends a POST without a body again on a fresh
-#: connection when its kept-alive one dies before an answer byte, though the
-#: backend had it (test_a_bodiless_post_is_not_sent_again...). Until that is
-#: fixed the campaign counts those resends to the same backend but does not
-#: fail on them (a resend to another backend still fails); set this false
-#: once that test passes.
-BODILESS_POST_RESENT = True
 #: What a client sends, in turn: (method, route).
 MIX = [("GET", "api")] * 3 + [("POST", "api"), ("GET", "probe"), ("POST", "probe")]
 MIX += [("GET", "api")] * 3 + [("POST0", "api"), ("POST0", "probe")]
@@ -364,10 +356,6 @@ def assert_no_post_replayed(results: list[Outcome], relays: list[Relay], echoes:
     posts = [r for r in results if r.method != "GET"]
     elsewhere = {r.rid: (r.phase, r.method, r.how) for r in posts if spread[r.rid] > 1}
     assert not elsewhere, f"POSTs sent to a second backend: {elsewhere}"
-    resent = [r for r in posts if r.method == "POST0" and sent[r.rid] > 1]
-    print(f"  POSTs without a body sent twice to their backend (a known defect): {len(resent)}")
-    if BODILESS_POST_RESENT:
-        posts = [r for r in posts if r.method == "POST"]
     twice = {r.rid: (r.phase, r.method, r.how) for r in posts if sent[r.rid] > 1}
     assert not twice, f"POSTs sent more than once: {twice}"
     twice = {r.rid: (r.phase, r.method, r.how) for r in posts if served[r.rid] > 1}
@@ -524,14 +512,7 @@ def test_rss_stays_flat_through_serve(total: int, relays: list[Relay], tmp_path:
 @pytest.mark.parametrize(
     "transport",
     [
-        pytest.param(
-            "httptools",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="balancekit/_transports/fast.py sends a bodiless POST again on a fresh"
-                " connection when a reused one dies before any answer byte (_Stale)",
-            ),
-        ),
+        "httptools",
         "aiohttp",
         "httpx",
     ],

@@ -8,8 +8,11 @@ socket and the engine but a keep-alive pool per backend:
   that the backend closed, or that received bytes while idle, is dropped
   on checkout;
 - a request whose reused connection dies before any byte of an answer is
-  sent again once on a fresh connection when that is safe (no body, or
-  a body not yet read), as browsers and NGINX do for stale keep-alives;
+  sent again once on a fresh connection when that is safe: an idempotent
+  method whose body was not yet read, as browsers and NGINX do for stale
+  keep-alives. A POST (or any method that is not idempotent) first polls
+  a reused connection for a close the loop has not reported yet, and goes
+  again only if the close came before its write;
 - bodies stream both ways with back-pressure: the upstream's bytes pause
   the socket when ``READ_BUFFER`` is waiting unread, the request body waits
   for the socket to drain;
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import select
 import ssl
 import time
 from collections.abc import AsyncIterable
@@ -88,6 +92,19 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        self._fd = -1 if sock is None else sock.fileno()
+
+    def dropped(self) -> bool:
+        """Whether the backend closed (or wrote to) this idle connection in a
+        way the loop has not reported yet: a poll that does not wait, as
+        urllib3 checks a pooled connection before it reuses it."""
+        if self._fd < 0:
+            return False
+        try:
+            return bool(select.select((self._fd,), (), (), 0)[0])
+        except (OSError, ValueError):
+            return True
 
     def data_received(self, data: bytes) -> None:
         if not self.active or self.complete:
@@ -351,7 +368,7 @@ class FastTransport:
         head = _request_head(
             method_raw, (backend.base_path + target).encode("latin-1"), headers, body
         )
-        sent_body = False
+        sent_body = written = False
         for _ in range(2):
             if conn is None:
                 conn = await self._connect(backend, timeouts, pool)
@@ -360,6 +377,11 @@ class FastTransport:
                 transport = conn.transport
                 if transport is None or conn.closed:
                     raise _Stale
+                # A request that may not be sent twice looks first, at one
+                # syscall, for a close still on its way through the loop.
+                if conn.reused and method_raw not in _IDEMPOTENT and conn.dropped():
+                    raise _Stale
+                written = True
                 if body is None:  # the usual case: one write, no coroutine
                     transport.write(head)
                 else:
@@ -376,9 +398,11 @@ class FastTransport:
                     timer.cancel()
             except _Stale:
                 conn.close()
-                # A kept-alive connection the backend had closed: safe to send
-                # again on a fresh one if the body was not consumed.
-                if sent_body or (body is not None and method_raw not in _IDEMPOTENT):
+                # A kept-alive connection the backend had closed. Found before
+                # the write, anything may go again on a fresh one; after it,
+                # the backend may have the request (RFC 9110 section 9.2.2):
+                # only an idempotent one whose body was not consumed.
+                if written and (sent_body or method_raw not in _IDEMPOTENT):
                     raise UpstreamError("upstream closed the connection", pool=pool) from None
                 conn = None
                 continue
