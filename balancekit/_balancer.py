@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ._backend import Backend, BackendState
+from ._classify import Model, classify
 from ._config import (
     BalancerConfig,
     PoolConfig,
@@ -30,11 +31,13 @@ from .stores import GuardedStore, MemoryStore, RedisStore
 
 if TYPE_CHECKING:
     from ._background import BackgroundLoop
+    from ._classify import Classification
     from ._coordination import Coordinator
     from ._engine_async import AsyncEngine
     from ._engine_sync import SyncEngine
-    from ._types import SupportsPick
+    from ._types import RawHeaders, SupportsPick
     from .health._scheduler import HealthScheduler
+    from .status import StatusEndpoint
 
 logger = logging.getLogger("balancekit")
 
@@ -92,6 +95,14 @@ class Balancer:
             self.metrics = Metrics(metrics_registry)
             for name, pool in self.pools.items():
                 pool.metrics = self.metrics.pool(name)
+        #: The status path's endpoint, when ``[status] enabled`` (a restart
+        #: changes it, never a reload).
+        self.status_endpoint: StatusEndpoint | None = None
+        if self.config.status.enabled:
+            from .status import StatusEndpoint
+
+            self.status_endpoint = StatusEndpoint(self)
+        self._model = self._make_model()
         #: With a shared store, what keeps this process in step with the others.
         self.coordinator: Coordinator | None = None
         if isinstance(store, RedisStore):
@@ -106,6 +117,7 @@ class Balancer:
         self._schedulers: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, list[HealthScheduler]
         ] = weakref.WeakKeyDictionary()
+        self._last_engine: AsyncEngine | None = None
         self._lock = threading.Lock()
         # The WSGI side: one engine and one background thread per process.
         self._sync_engine: SyncEngine | None = None
@@ -206,6 +218,47 @@ class Balancer:
 
     # --- run time ----------------------------------------------------------------
 
+    def _make_model(self) -> Model:
+        return Model(
+            self.routes,
+            self.pools,
+            self.trusted_proxies,
+            self.config.access_log,
+            self.status_endpoint,
+        )
+
+    def classify(
+        self,
+        method: str,
+        raw_path: str,
+        headers: RawHeaders,
+        *,
+        query: str = "",
+        client_ip: str = "",
+        scheme: str = "http",
+        http_version: str = "1.1",
+        route: Route | None = None,
+    ) -> Classification:
+        """What a request is to balancekit: the one call every adapter makes
+        first, with no I/O (see :mod:`balancekit.adapter`).
+
+        ``raw_path`` is the path as the client sent it, percent-encoding
+        kept; ``headers`` the raw header pairs (lower-case names);
+        ``http_version`` as ASGI gives it. An adapter that routed the
+        request itself (Flask's ``kit.proxy`` views) passes its ``route``.
+        """
+        return classify(
+            self._model,
+            method,
+            raw_path,
+            headers,
+            query=query,
+            client_ip=client_ip,
+            scheme=scheme,
+            http_version=http_version,
+            route=route,
+        )
+
     def route_for(self, path: str) -> Route | None:
         """The route serving ``path`` (already normalised), or None."""
         return self.routes.match(path)
@@ -216,13 +269,19 @@ class Balancer:
 
     def engine(self) -> AsyncEngine:
         """The async engine of the running event loop (one per loop)."""
+        engine = self._last_engine
+        if engine is not None and engine.loop is asyncio.get_running_loop():
+            return engine  # the usual case: one loop per process
         loop = asyncio.get_running_loop()
         engine = self._engines.get(loop)
         if engine is None:
             from ._engine_async import AsyncEngine
 
             with self._lock:
-                engine = self._engines.setdefault(loop, AsyncEngine(self))
+                engine = self._engines.get(loop)
+                if engine is None:
+                    engine = self._engines[loop] = AsyncEngine(self.config.transport)
+        self._last_engine = engine
         return engine
 
     def sync_engine(self) -> SyncEngine:
@@ -234,7 +293,7 @@ class Balancer:
             with self._lock:
                 engine = self._sync_engine
                 if engine is None:
-                    engine = self._sync_engine = SyncEngine(self)
+                    engine = self._sync_engine = SyncEngine(self.config.transport)
                     _process_local.add(self)
         return engine
 
@@ -346,6 +405,7 @@ class Balancer:
             self.trusted_proxies = TrustedProxies(new.trusted_proxies)
             self.routes = RouteTable(Route(r.prefix, r.pool, r.strip_prefix) for r in new.routes)
             self.pools = pools
+            self._model = self._make_model()
             loops = [loop for loop in self._schedulers if not loop.is_closed()]
         for name, pool in pools.items():
             if self.coordinator is not None:
@@ -363,6 +423,8 @@ class Balancer:
         with self._lock:
             schedulers = self._schedulers.pop(loop, None)
             engine = self._engines.pop(loop, None)
+            if self._last_engine is engine:
+                self._last_engine = None
         if schedulers is not None:  # the background work ran in this loop
             for scheduler in schedulers:
                 await scheduler.stop()

@@ -32,7 +32,7 @@ def may_retry(
         return False
     if not body_replayable:
         return False
-    if not getattr(error, "request_sent", True):
+    if not error.request_sent:
         return True
     return method in IDEMPOTENT_METHODS
 

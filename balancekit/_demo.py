@@ -101,14 +101,13 @@ async def run(
     backend_socks: list[socket.socket],
     make_server: Callable[..., Any],
 ) -> None:
-    from .asgi import BalanceMiddleware
-    from .cli import _not_found
+    from .asgi import BalanceMiddleware, not_found
 
     backends = [
         make_server(backend_app(name, delay, flaky=name == "slow"), lifespan="off")
         for (name, delay) in BACKENDS
     ]
-    front = make_server(BalanceMiddleware(_not_found, balancer=balancer))
+    front = make_server(BalanceMiddleware(not_found, balancer=balancer))
     tasks = [
         asyncio.ensure_future(s.serve(sockets=[k]))
         for s, k in zip(backends, backend_socks, strict=True)

@@ -17,36 +17,27 @@ from typing import TYPE_CHECKING, Any
 from ._exceptions import NoEligibleBackend, ProxyError, UpstreamProtocolError
 from ._exchange import (
     Attempts,
-    inspect_request,
+    ClientDisconnected,
+    caused_by_client,
     log_access,
-    refusal_status,
     valid_status,
     with_host,
 )
-from ._forwarding import downstream_response_headers, upstream_request_headers
-from ._problem import bad_request, problem_response
-from ._request import RequestInfo
+from ._forwarding import downstream_response_headers
+from ._problem import error_problem
 from ._transports import make_async_transport
 
 if TYPE_CHECKING:
     from ._backend import Backend
-    from ._balancer import Balancer
-    from ._pool import Pool
-    from ._routing import Route
+    from ._classify import Routed
     from ._transports import UpstreamResponse
-    from ._types import RawHeaders, Receive, Scope, Send
+    from ._types import Receive, Scope, Send
 
 logger = logging.getLogger("balancekit")
-
-_WS_SCHEMES = {"ws": "http", "wss": "https"}
 
 #: Seconds after the request body is read before client disconnects are
 #: watched for; a disconnect is noticed at most this much later.
 DISCONNECT_WATCH_DELAY = 0.05
-
-
-class ClientDisconnected(Exception):
-    """The client went away while its request body was being read."""
 
 
 class RequestBody:
@@ -107,18 +98,20 @@ class RequestBody:
 
 
 class AsyncEngine:
-    """Proxies routed requests of one event loop through one transport."""
+    """Proxies routed requests of one event loop through one transport.
 
-    def __init__(self, balancer: Balancer) -> None:
-        self.balancer = balancer
+    It knows nothing of the balancer: each request arrives as a
+    :class:`~balancekit._classify.Routed` that carries its pool and
+    everything else worked out, and the engine moves its bytes.
+    """
+
+    def __init__(self, transport: str) -> None:
         self.loop = asyncio.get_running_loop()
-        self.transport = make_async_transport(balancer.config.transport)
+        self.transport = make_async_transport(transport)
         self._ws_transport: Any = None
-        self._started = False
         self._young: dict[_Exchange, None] = {}
         self._old: dict[_Exchange, None] = {}
         self._sweeper: asyncio.Task[None] | None = None
-        self.access_log = balancer.config.access_log
 
     def watch_later(self, exchange: _Exchange) -> None:
         """Have ``exchange`` watched for a client disconnect if it lasts."""
@@ -148,15 +141,8 @@ class AsyncEngine:
         if self._ws_transport is not None:
             await self._ws_transport.aclose()
 
-    async def handle(
-        self, route: Route, path: str, raw_path: str, scope: Scope, receive: Receive, send: Send
-    ) -> None:
-        """Proxy one request matched by ``route``; ``raw_path`` is normalised."""
-        if not self._started:
-            # No lifespan from the server: start the health checks now.
-            self._started = True
-            await self.balancer.astart()
-        pool = self.balancer.pools[route.pool]
+    async def handle(self, routed: Routed, scope: Scope, receive: Receive, send: Send) -> None:
+        """Proxy one routed request (an HTTP or a WebSocket scope)."""
         if scope["type"] == "websocket":
             from ._websocket import proxy_websocket
 
@@ -164,36 +150,9 @@ class AsyncEngine:
                 from ._transports.aiohttp import AiohttpTransport
 
                 self._ws_transport = AiohttpTransport()
-            await proxy_websocket(self, pool, route, path, raw_path, scope, receive, send)
+            await proxy_websocket(self._ws_transport, routed, scope, receive, send)
             return
-        has_body, problem = inspect_request(scope["headers"], scope.get("http_version", "1.1"))
-        if problem is not None:
-            refusal = bad_request(f"refused: {problem}", status=refusal_status(problem))
-            await _respond(send, *refusal)
-            return
-        exchange = _Exchange(self, pool, route, path, raw_path, scope, receive, send, has_body)
-        await exchange.run()
-
-    def request_info(self, path: str, scope: Scope) -> RequestInfo:
-        client = scope.get("client")
-        scheme: str = scope.get("scheme") or "http"
-        return RequestInfo(
-            scope.get("method", "GET"),
-            path,
-            query=scope.get("query_string", b"").decode("latin-1"),
-            headers=scope["headers"],
-            client_ip=client[0] if client else "",
-            scheme=_WS_SCHEMES.get(scheme, scheme),
-        )
-
-    def upstream_headers(self, pool: Pool, request: RequestInfo) -> RawHeaders:
-        return upstream_request_headers(
-            request.raw_headers,
-            client_ip=request.client_ip or "unknown",
-            scheme=request.scheme,
-            trusted=request.client_ip in self.balancer.trusted_proxies,
-            host=None if pool.config.preserve_host else b"",
-        )
+        await _Exchange(self, routed, receive, send).run()
 
 
 async def _respond(
@@ -206,32 +165,20 @@ async def _respond(
 class _Exchange:
     """One proxied HTTP request, with its retries. Lives for one request."""
 
-    def __init__(
-        self,
-        engine: AsyncEngine,
-        pool: Pool,
-        route: Route,
-        path: str,
-        raw_path: str,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        has_body: bool,
-    ) -> None:
+    def __init__(self, engine: AsyncEngine, routed: Routed, receive: Receive, send: Send) -> None:
         self.engine = engine
-        self.pool = pool
-        self.scope = scope
+        self.routed = routed
+        self.pool = routed.pool
         self.receive = receive
         self.send = send
-        self.request = engine.request_info(path, scope)
-        query = self.request.query
-        self.target = route.upstream_path(raw_path) + (f"?{query}" if query else "")
+        self.request = routed.request
+        self.target = routed.target
         self.task = asyncio.current_task()
         self.watcher: asyncio.Task[None] | None = None
         self.disconnected = False
         self.finished = False
         self.response_started = False
-        self.body = RequestBody(receive, self._watch_disconnect) if has_body else None
+        self.body = RequestBody(receive, self._watch_disconnect) if routed.has_body else None
 
     # --- disconnect detection -------------------------------------------------------
 
@@ -274,12 +221,8 @@ class _Exchange:
             if self.response_started:
                 raise  # the server drops the connection: the client sees it cut
             self.finished = True
-            await _respond(
-                self.send,
-                *problem_response(
-                    ProxyError("the balancer failed to proxy the request", pool=self.pool.name)
-                ),
-            )
+            error = ProxyError("the balancer failed to proxy the request", pool=self.pool.name)
+            await _respond(self.send, *error_problem(error))
         finally:
             self.finished = True
             self.engine.unwatch(self)
@@ -288,7 +231,7 @@ class _Exchange:
 
     async def _run(self) -> None:
         pool = self.pool
-        headers = self.engine.upstream_headers(pool, self.request)
+        headers = self.routed.headers
         preserve_host = pool.config.preserve_host
         transport = self.engine.transport
         body = self.body
@@ -314,9 +257,12 @@ class _Exchange:
                         pool.timeouts,
                         pool=pool.name,
                     )
+                except ClientDisconnected:
+                    self.disconnected = True  # says nothing of the backend
+                    return
                 except ProxyError as exc:
-                    if self.disconnected_during_body(exc):
-                        self.disconnected = True  # says nothing of the backend
+                    if caused_by_client(exc):
+                        self.disconnected = True
                         return
                     attempts.release(ok=False, code=exc.status_code)
                     if attempts.retry(exc, body_replayable=body is None or body.replayable):
@@ -335,15 +281,6 @@ class _Exchange:
         finally:
             # A client that left (or a cancelled task) says nothing of the backend.
             attempts.close(ok=self.disconnected)
-
-    def disconnected_during_body(self, exc: ProxyError) -> bool:
-        # aiohttp reports our body iterator's ClientDisconnected as its own error
-        cause = exc.__cause__
-        while cause is not None:
-            if isinstance(cause, ClientDisconnected):
-                return True
-            cause = cause.__cause__
-        return False
 
     async def _relay(
         self, attempts: Attempts, backend: Backend, response: UpstreamResponse
@@ -366,7 +303,7 @@ class _Exchange:
             latency = attempts.answered(status)
             await response.aclose()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-            if self.engine.access_log:
+            if self.routed.access_log:
                 log_access(self.request, self.target, self.pool.name, status, backend, latency)
         except ProxyError:
             # Response bytes already reached the client: too late for a 502.
@@ -379,10 +316,10 @@ class _Exchange:
 
     async def _problem(self, error: ProxyError) -> None:
         logger.warning("pool %s: %s", self.pool.name, error.detail)
-        if self.engine.access_log:
+        if self.routed.access_log:
             log_access(self.request, self.target, self.pool.name, error.status_code, None, None)
         self.finished = True
-        await _respond(self.send, *problem_response(error))
+        await _respond(self.send, *error_problem(error))
 
 
-__all__ = ["AsyncEngine", "ClientDisconnected", "RequestBody"]
+__all__ = ["AsyncEngine", "RequestBody"]

@@ -17,22 +17,20 @@ from typing import TYPE_CHECKING, Any
 from ._exceptions import NoEligibleBackend, ProxyError, UpstreamProtocolError
 from ._exchange import (
     Attempts,
-    inspect_request,
+    ClientDisconnected,
+    caused_by_client,
     log_access,
-    refusal_status,
     valid_status,
     with_host,
 )
-from ._forwarding import downstream_response_headers, upstream_request_headers
-from ._problem import bad_request, problem_response
-from ._request import RequestInfo
+from ._forwarding import downstream_response_headers
+from ._problem import error_problem, problem
 from ._transports import make_sync_transport
 
 if TYPE_CHECKING:
     from ._backend import Backend
-    from ._balancer import Balancer
-    from ._pool import Pool
-    from ._routing import Route
+    from ._classify import Routed
+    from ._request import RequestInfo
     from ._transports import SyncResponse
     from ._types import RawHeaders
 
@@ -75,7 +73,7 @@ def environ_headers(environ: Environ) -> RawHeaders:
     return headers
 
 
-def _http_version(environ: Environ) -> str:
+def http_version(environ: Environ) -> str:
     """``"1.1"`` for ``SERVER_PROTOCOL = "HTTP/1.1"``, as ASGI's http_version."""
     protocol: str = environ.get("SERVER_PROTOCOL", "HTTP/1.1")
     return protocol[5:] if protocol[:5] == "HTTP/" else protocol
@@ -83,10 +81,6 @@ def _http_version(environ: Environ) -> str:
 
 def text_headers(headers: RawHeaders) -> list[tuple[str, str]]:
     return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers]
-
-
-class ClientDisconnected(Exception):
-    """The client went away (or sent less than it announced) during its body."""
 
 
 class RequestBody:
@@ -158,34 +152,22 @@ class SyncEngine:
 
     Safe to call from every thread of a threaded server; the balancer makes
     a new one in a forked child (a connection pool must not cross a fork).
+    Like the async engine it knows nothing of the balancer: each request
+    arrives as a :class:`~balancekit._classify.Routed`.
     """
 
-    def __init__(self, balancer: Balancer) -> None:
-        self.balancer = balancer
-        self.transport = make_sync_transport(balancer.config.transport)
-        self.access_log = balancer.config.access_log
+    def __init__(self, transport: str) -> None:
+        self.transport = make_sync_transport(transport)
 
     def close(self) -> None:
         self.transport.close()
 
     def handle(
-        self,
-        route: Route,
-        path: str,
-        raw_path: str,
-        environ: Environ,
-        start_response: StartResponse,
+        self, routed: Routed, environ: Environ, start_response: StartResponse
     ) -> WSGIResponse:
-        """Proxy one request matched by ``route``; ``raw_path`` is normalised."""
-        pool = self.balancer.pools[route.pool]
-        headers = environ_headers(environ)
-        has_body, problem = inspect_request(headers, _http_version(environ))
-        if problem is not None:
-            return respond(
-                start_response, *bad_request(f"refused: {problem}", status=refusal_status(problem))
-            )
+        """Proxy one routed request."""
         body = None
-        if has_body:
+        if routed.has_body:
             length = environ.get("CONTENT_LENGTH")
             if length:
                 body = RequestBody(environ["wsgi.input"], int(length))
@@ -194,45 +176,24 @@ class SyncEngine:
             else:
                 # A chunked body this server cannot end for us: as NGINX
                 # without chunked support, ask for a length.
-                return respond(
-                    start_response,
-                    *bad_request("a request body needs Content-Length here", status=411),
-                )
-        query = environ.get("QUERY_STRING", "")
-        request = RequestInfo(
-            environ.get("REQUEST_METHOD", "GET"),
-            path,
-            query=query,
-            headers=headers,
-            client_ip=environ.get("REMOTE_ADDR", ""),
-            scheme=environ.get("wsgi.url_scheme", "http"),
-        )
-        target = route.upstream_path(raw_path) + (f"?{query}" if query else "")
+                detail = "a request body needs Content-Length here"
+                return respond(start_response, *problem(411, detail, close=True))
         try:
-            return self._exchange(pool, request, target, body, start_response)
+            return self._exchange(routed, body, start_response)
         except ClientDisconnected:
+            # Nobody reads this answer; the server needs one all the same.
             return respond(start_response, 400, [(b"connection", b"close")], b"")
         except Exception:  # the request boundary: a bug here must not kill the worker
-            logger.exception("pool %s: unexpected error while proxying", pool.name)
-            error = ProxyError("the balancer failed to proxy the request", pool=pool.name)
-            return respond(start_response, *problem_response(error))
+            pool = routed.pool.name
+            logger.exception("pool %s: unexpected error while proxying", pool)
+            error = ProxyError("the balancer failed to proxy the request", pool=pool)
+            return respond(start_response, *error_problem(error))
 
     def _exchange(
-        self,
-        pool: Pool,
-        request: RequestInfo,
-        target: str,
-        body: RequestBody | None,
-        start_response: StartResponse,
+        self, routed: Routed, body: RequestBody | None, start_response: StartResponse
     ) -> WSGIResponse:
-        balancer = self.balancer
-        headers = upstream_request_headers(
-            request.raw_headers,
-            client_ip=request.client_ip or "unknown",
-            scheme=request.scheme,
-            trusted=request.client_ip in balancer.trusted_proxies,
-            host=None if pool.config.preserve_host else b"",
-        )
+        pool, request, target = routed.pool, routed.request, routed.target
+        headers = routed.headers
         preserve_host = pool.config.preserve_host
         if body is not None and pool.config.request_buffer:
             body.buffer(pool.config.request_buffer)
@@ -245,7 +206,7 @@ class SyncEngine:
                 try:
                     backend = attempts.next()
                 except NoEligibleBackend as exc:
-                    return self._problem(exc, request, target, pool, start_response)
+                    return self._problem(exc, routed, start_response)
                 try:
                     response = self.transport.send(
                         backend,
@@ -256,22 +217,25 @@ class SyncEngine:
                         pool.timeouts,
                         pool=pool.name,
                     )
+                except ClientDisconnected:
+                    attempts.client_left()  # says nothing of the backend
+                    raise
                 except ProxyError as exc:
-                    if _caused_by_client(exc):
-                        attempts.release(ok=True, timed=False)  # says nothing of the backend
+                    if caused_by_client(exc):
+                        attempts.client_left()
                         raise ClientDisconnected from exc
                     attempts.release(ok=False, code=exc.status_code)
                     if attempts.retry(exc, body_replayable=body is None or body.replayable):
                         continue
-                    return self._problem(exc, request, target, pool, start_response)
+                    return self._problem(exc, routed, start_response)
                 if not valid_status(response.status):
                     response.close()
                     attempts.release(ok=False)
                     error = UpstreamProtocolError(
                         "upstream sent a malformed response", pool=pool.name
                     )
-                    return self._problem(error, request, target, pool, start_response)
-                relay = Relay(self, attempts, backend, response, request, target)
+                    return self._problem(error, routed, start_response)
+                relay = Relay(attempts, backend, response, request, target, routed.access_log)
                 try:
                     response_headers = downstream_response_headers(response.headers)
                     if persistence is not None and backend is not pinned:
@@ -286,26 +250,13 @@ class SyncEngine:
                 attempts.close()
 
     def _problem(
-        self,
-        error: ProxyError,
-        request: RequestInfo,
-        target: str,
-        pool: Pool,
-        start_response: StartResponse,
+        self, error: ProxyError, routed: Routed, start_response: StartResponse
     ) -> list[bytes]:
-        logger.warning("pool %s: %s", pool.name, error.detail)
-        if self.access_log:
-            log_access(request, target, pool.name, error.status_code, None, None)
-        return respond(start_response, *problem_response(error))
-
-
-def _caused_by_client(exc: BaseException) -> bool:
-    cause = exc.__cause__ or exc.__context__
-    while cause is not None:
-        if isinstance(cause, ClientDisconnected):
-            return True
-        cause = cause.__cause__ or cause.__context__
-    return False
+        pool = routed.pool.name
+        logger.warning("pool %s: %s", pool, error.detail)
+        if routed.access_log:
+            log_access(routed.request, routed.target, pool, error.status_code, None, None)
+        return respond(start_response, *error_problem(error))
 
 
 def respond(
@@ -324,18 +275,26 @@ class Relay:
     them without blaming the backend and drops the upstream connection.
     """
 
-    __slots__ = ("_attempts", "_backend", "_engine", "_read", "_request", "_response", "_target")
+    __slots__ = (
+        "_access_log",
+        "_attempts",
+        "_backend",
+        "_read",
+        "_request",
+        "_response",
+        "_target",
+    )
 
     def __init__(
         self,
-        engine: SyncEngine,
         attempts: Attempts,
         backend: Backend,
         response: SyncResponse,
         request: RequestInfo,
         target: str,
+        access_log: bool,
     ) -> None:
-        self._engine = engine
+        self._access_log = access_log
         self._attempts = attempts
         self._backend = backend
         self._response = response
@@ -362,7 +321,7 @@ class Relay:
         status = self._response.status
         latency = self._attempts.answered(status)
         self._response.close()  # the connection goes back to the pool at once
-        if self._engine.access_log:
+        if self._access_log:
             pool = self._attempts.pool.name
             log_access(self._request, self._target, pool, status, self._backend, latency)
         raise StopIteration
@@ -370,5 +329,5 @@ class Relay:
     def close(self) -> None:
         # Called by the server when it is done, early or not: a backend still
         # held here was left by the client, which says nothing of it.
-        self._attempts.close(ok=True)
+        self._attempts.client_left()
         self._response.close()

@@ -7,11 +7,11 @@
       PluginError              a plugin broke the rules (duplicate name, bad class)
       StoreError               a store's backend failed; wraps the driver's exception
       ProxyError               request-time; carries .pool, never a backend address
-        NoEligibleBackend      -> 503 with Retry-After
+        NoEligibleBackend      -> 503 with Retry-After; nothing was sent
         UpstreamError          -> 502
           UpstreamConnectError   nothing was sent; always safe to retry
           UpstreamProtocolError  the backend answered something that is not HTTP
-        UpstreamTimeout        -> 504
+          UpstreamTimeout        -> 504
 
 Transports translate their library's exceptions into this tree at one
 boundary each, so the engines never see an aiohttp or httpx exception.
@@ -60,42 +60,50 @@ class StoreError(BalancekitError):
 
 
 class ProxyError(BalancekitError):
-    """A request could not be proxied. ``str()`` names the pool, never a backend."""
+    """A request could not be proxied. ``str()`` names the pool, never a backend.
+
+    ``status_code`` is what the client is answered. ``request_sent`` says
+    whether the request may have reached a backend (even in part): one that
+    was never sent is always safe to try elsewhere. ``pool`` is set by the
+    engine, at the one place a transport's error enters it.
+    """
 
     status_code = 502
-    title = "Bad Gateway"
+    request_sent = True
 
-    def __init__(self, detail: str, *, pool: str = "") -> None:
+    def __init__(self, detail: str, *, pool: str = "", request_sent: bool | None = None) -> None:
         self.pool = pool
         self.detail = detail
+        if request_sent is not None:
+            self.request_sent = request_sent
         super().__init__(detail)
 
 
 class NoEligibleBackend(ProxyError):
+    """No backend of the pool may take the request now (all down, ejected,
+    draining or full): answered 503 with Retry-After."""
+
     status_code = 503
-    title = "Service Unavailable"
+    request_sent = False
 
 
 class UpstreamError(ProxyError):
-    """The upstream failed after the request may have been sent."""
-
-    #: True when the request reached the backend (even in part). A request
-    #: that was never sent is always safe to retry.
-    request_sent = True
+    """The upstream failed: answered 502 (504 for a timeout)."""
 
 
 class UpstreamConnectError(UpstreamError):
+    """The backend refused the connection or could not be reached: nothing
+    was sent."""
+
     request_sent = False
 
 
 class UpstreamProtocolError(UpstreamError):
-    pass
+    """The backend answered something that is not valid HTTP/1.1."""
 
 
-class UpstreamTimeout(ProxyError):
+class UpstreamTimeout(UpstreamError):
+    """The backend did not accept, answer or take the body in time: 504.
+    A connect timeout is raised with ``request_sent=False``."""
+
     status_code = 504
-    title = "Gateway Timeout"
-
-    def __init__(self, detail: str, *, pool: str = "", request_sent: bool = True) -> None:
-        super().__init__(detail, pool=pool)
-        self.request_sent = request_sent

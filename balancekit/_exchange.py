@@ -78,6 +78,26 @@ def refusal_status(problem: str) -> int:
     return 431 if problem is HEADERS_TOO_LARGE else 400
 
 
+class ClientDisconnected(Exception):
+    """The client went away (or sent less than it announced) while its
+    request body was being read: it says nothing of the backend."""
+
+
+def caused_by_client(error: BaseException) -> bool:
+    """Whether ``error`` (a transport's, raised while it sent the body) comes
+    from the client leaving: a :class:`ClientDisconnected` anywhere in its
+    chain, as its cause or as the exception it was raised while handling
+    (the libraries wrap our body iterator's exception either way)."""
+    seen: set[int] = set()
+    cause = error.__cause__ or error.__context__
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, ClientDisconnected):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
 def with_host(headers: RawHeaders, backend: Backend, preserve_host: bool) -> RawHeaders:
     """``headers`` with the backend's Host in front (unless the client's is kept).
 
@@ -184,6 +204,11 @@ class Attempts:
         if pool.metrics is not None:
             pool.metrics.retried()
         return True
+
+    def client_left(self) -> None:
+        """The client went away: a backend still held is released without
+        blame and without a latency sample, counted as 499 (as NGINX logs it)."""
+        self.close(ok=True)
 
     def close(self, *, ok: bool = False) -> None:
         """Settle on the way out: a backend still held is released as ``ok``

@@ -1,4 +1,4 @@
-"""RFC 9457 problem details for the errors a client sees from balancekit."""
+"""RFC 9457 problem details: every error answer balancekit writes itself."""
 
 from __future__ import annotations
 
@@ -10,41 +10,46 @@ from ._exceptions import NoEligibleBackend, ProxyError
 #: Seconds a client is told to wait when no backend is eligible.
 RETRY_AFTER = 5
 
+Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
 
-def problem_response(error: ProxyError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    """Status, headers and body for ``error``: names the pool, never a backend."""
-    body = {
+
+def problem(
+    status: int,
+    detail: str,
+    *,
+    pool: str | None = None,
+    close: bool = False,
+    retry_after: int | None = None,
+) -> Answer:
+    """Status, headers and body of a problem answer.
+
+    ``status`` is any status :class:`http.HTTPStatus` names (its phrase is
+    the title); ``pool`` names the pool, never a backend. ``close`` says
+    ``Connection: close``: for a request refused for its framing, after
+    which the connection cannot be trusted.
+    """
+    body: dict[str, object] = {
         "type": "about:blank",
-        "title": error.title,
-        "status": error.status_code,
-        "detail": error.detail,
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
     }
-    if error.pool:
-        body["pool"] = error.pool
+    if pool:
+        body["pool"] = pool
     payload = json.dumps(body).encode()
     headers = [
         (b"content-type", b"application/problem+json"),
         (b"content-length", str(len(payload)).encode()),
         (b"cache-control", b"no-store"),
     ]
-    if isinstance(error, NoEligibleBackend):
-        headers.append((b"retry-after", str(RETRY_AFTER).encode()))
-    return error.status_code, headers, payload
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
+    if close:
+        headers.append((b"connection", b"close"))
+    return status, headers, payload
 
 
-def bad_request(detail: str, *, status: int = 400) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    """A problem for a request balancekit refuses to forward (or could not
-    serve): ``status`` is any status :class:`http.HTTPStatus` names."""
-    title = HTTPStatus(status).phrase
-    payload = json.dumps(
-        {"type": "about:blank", "title": title, "status": status, "detail": detail}
-    ).encode()
-    return (
-        status,
-        [
-            (b"content-type", b"application/problem+json"),
-            (b"content-length", str(len(payload)).encode()),
-            (b"connection", b"close"),
-        ],
-        payload,
-    )
+def error_problem(error: ProxyError) -> Answer:
+    """The problem answer for a request that could not be proxied."""
+    retry_after = RETRY_AFTER if isinstance(error, NoEligibleBackend) else None
+    return problem(error.status_code, error.detail, pool=error.pool, retry_after=retry_after)

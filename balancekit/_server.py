@@ -41,7 +41,7 @@ from urllib.parse import unquote
 
 import httptools
 
-from ._problem import bad_request
+from ._problem import problem
 from ._types import Message
 
 if TYPE_CHECKING:
@@ -441,7 +441,7 @@ class _Connection(asyncio.Protocol):
         except Exception:  # the connection boundary: never the worker
             logger.exception("balancekit serve: unexpected error")
             if not cycle.started and not cycle.disconnected:
-                status, headers, body = bad_request("internal error", status=500)
+                status, headers, body = problem(500, "internal error", close=True)
                 cycle.keep_alive = False
                 start = {"type": "http.response.start", "status": status, "headers": headers}
                 await cycle.send(start)
@@ -492,8 +492,8 @@ class _Connection(asyncio.Protocol):
                 if cycle.task is not None:
                     cycle.task.cancel()
         if answer:
-            # bad_request's headers hold the one Connection: close.
-            _, headers, body = bad_request(detail, status=status)
+            # The problem's headers hold the one Connection: close.
+            _, headers, body = problem(status, detail, close=True)
             head = [_STATUS_LINES[status], self.server.clock.date()]
             head += [n + b": " + v + b"\r\n" for n, v in headers]
             self.transport.write(b"".join(head) + b"\r\n" + body)
@@ -555,7 +555,7 @@ class LeanServer:
         self._ws: Any = None
 
     async def start(self, sockets: list[Any]) -> None:
-        await self.app.balancer.astart()
+        await self.app.startup()
         for sock in sockets:
             server = await self.loop.create_server(
                 lambda: _Connection(self), sock=sock, backlog=2048
@@ -613,7 +613,7 @@ class LeanServer:
                 conn.shutdown()
         for server in self._servers:
             await server.wait_closed()
-        await self.app.balancer.aclose()
+        await self.app.shutdown()
 
 
 __all__ = ["LeanServer"]

@@ -21,9 +21,8 @@ from ._exceptions import NoEligibleBackend
 from ._transports.aiohttp import AIOHTTP_ERRORS, translate_error
 
 if TYPE_CHECKING:
-    from ._engine_async import AsyncEngine
-    from ._pool import Pool
-    from ._routing import Route
+    from ._classify import Routed
+    from ._transports.aiohttp import AiohttpTransport
     from ._types import Receive, Scope, Send
 
 logger = logging.getLogger("balancekit")
@@ -43,19 +42,13 @@ BAD_GATEWAY = 1014
 
 
 async def proxy_websocket(
-    engine: AsyncEngine,
-    pool: Pool,
-    route: Route,
-    path: str,
-    raw_path: str,
-    scope: Scope,
-    receive: Receive,
-    send: Send,
+    transport: AiohttpTransport, routed: Routed, scope: Scope, receive: Receive, send: Send
 ) -> None:
+    """Proxy one routed WebSocket session through ``transport``'s session."""
     message = await receive()
     if message["type"] != "websocket.connect":
         return
-    request = engine.request_info(path, scope)
+    pool, request = routed.pool, routed.request
     try:
         backend = pool.acquire(request)
     except NoEligibleBackend as exc:
@@ -65,18 +58,16 @@ async def proxy_websocket(
     started = time.perf_counter()
     headers = [
         (k.decode("latin-1"), v.decode("latin-1"))
-        for k, v in engine.upstream_headers(pool, request)[1:]
+        for k, v in routed.headers[1:]
         if k not in _HANDSHAKE
     ]
     if pool.config.preserve_host:
         host = request.header("host")
         if host:
             headers.append(("Host", host))
-    query = request.query
     scheme = "wss" if backend.scheme == "https" else "ws"
-    target = route.upstream_path(raw_path) + (f"?{query}" if query else "")
-    url = URL(f"{scheme}://{backend.host_header}{backend.base_path}{target}", encoded=True)
-    session = engine._ws_transport.session()
+    url = URL(f"{scheme}://{backend.host_header}{backend.base_path}{routed.target}", encoded=True)
+    session = transport.session()
     try:
         upstream = await session.ws_connect(
             url,

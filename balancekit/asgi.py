@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 from urllib.parse import quote
 
 from ._balancer import Balancer, ConfigInput, balancer_from
-from ._engine_async import AsyncEngine, _respond
-from ._problem import bad_request
-from ._routing import BadPath, normalize_path
+from ._classify import Refuse, Routed, Status
+from ._engine_async import _respond
+from ._problem import problem
 from ._types import ASGIApp, Message, Receive, Scope, Send
-from .status import StatusEndpoint
 
 __all__ = ["BalanceMiddleware"]
+
+_SCHEMES = {"ws": "http", "wss": "https"}
 
 
 class BalanceMiddleware:
@@ -37,11 +37,9 @@ class BalanceMiddleware:
     ) -> None:
         self.app = app
         self.balancer = balancer_from(config, balancer)
-        status = self.balancer.config.status
-        self.status = StatusEndpoint(self.balancer) if status.enabled else None
-        # The engine of the loop this middleware last served, to skip the
-        # balancer's per-loop lookup on every request.
-        self._engine: AsyncEngine | None = None
+        # Whether this middleware started the balancer's background work
+        # (at the lifespan's startup, or else on the first routed request).
+        self._started = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -51,40 +49,50 @@ class BalanceMiddleware:
         if kind != "http" and kind != "websocket":
             await self.app(scope, receive, send)
             return
+        balancer = self.balancer
         raw = scope.get("raw_path")
-        raw_text = raw.decode("latin-1") if raw else quote(scope["path"])
-        try:
-            raw_path, path = normalize_path(raw_text)
-        except (BadPath, UnicodeDecodeError) as exc:
-            if isinstance(exc, UnicodeDecodeError) and not self.balancer.routes.covers_raw(
-                raw_text
-            ):
-                # Not UTF-8, and not ours: the app decides what it means.
-                await self.app(scope, receive, send)
-                return
+        client = scope.get("client")
+        scheme = scope.get("scheme") or "http"
+        verdict = balancer.classify(
+            scope.get("method", "GET"),
+            raw.decode("latin-1") if raw else quote(scope["path"]),
+            scope["headers"],
+            query=scope.get("query_string", b"").decode("latin-1"),
+            client_ip=client[0] if client else "",
+            scheme=_SCHEMES.get(scheme, scheme),
+            http_version=scope.get("http_version", "1.1"),
+        )
+        if type(verdict) is Routed:
+            if not self._started:  # no lifespan from the server
+                await self.startup()
+            await balancer.engine().handle(verdict, scope, receive, send)
+        elif type(verdict) is Refuse:
             if kind == "http":
-                await _respond(send, *bad_request(str(exc)))
+                await _respond(send, verdict.status, verdict.headers, verdict.body)
             else:
                 await send({"type": "websocket.close", "code": 1008})
-            return
-        if self.status is not None and kind == "http" and self.status.matches(path):
-            client = scope.get("client")
-            await self.status.handle(
-                path,
+        elif type(verdict) is Status and kind == "http":
+            endpoint = balancer.status_endpoint
+            assert endpoint is not None  # no Status verdict without one
+            await endpoint.handle(
+                verdict.path,
                 client[0] if client else "",
                 scope["headers"],
                 scope.get("query_string", b"").decode("latin-1"),
                 send,
             )
-            return
-        route = self.balancer.routes.match(path)
-        if route is None:
+        else:
             await self.app(scope, receive, send)
-            return
-        engine = self._engine
-        if engine is None or engine.loop is not asyncio.get_running_loop():
-            engine = self._engine = self.balancer.engine()
-        await engine.handle(route, path, raw_path, scope, receive, send)
+
+    async def startup(self) -> None:
+        """Start the balancer's background work in this loop (idempotent):
+        what the lifespan's startup does, and ``balancekit serve``."""
+        self._started = True
+        await self.balancer.astart()
+
+    async def shutdown(self) -> None:
+        """Stop it and close this loop's upstream connections."""
+        await self.balancer.aclose()
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The wrapped app still gets every lifespan message; we act on them
@@ -93,9 +101,22 @@ class BalanceMiddleware:
         async def lifespan_receive() -> Message:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                await self.balancer.astart()
+                await self.startup()
             elif message["type"] == "lifespan.shutdown":
-                await self.balancer.aclose()
+                await self.shutdown()
             return message
 
         await self.app(scope, lifespan_receive, send)
+
+
+async def not_found(scope: Scope, receive: Receive, send: Send) -> None:
+    """The app behind a standalone balancer (``balancekit serve``, the demo):
+    a 404 problem for a path no route covers, and a lifespan that completes."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            await send({"type": message["type"] + ".complete"})
+            if message["type"] == "lifespan.shutdown":
+                return
+    if scope["type"] == "http":
+        await _respond(send, *problem(404, "no route"))

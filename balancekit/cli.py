@@ -97,30 +97,6 @@ def _url(sock: socket.socket) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
 
 
-async def _not_found(scope: Any, receive: Any, send: Any) -> None:
-    """What a standalone balancer answers on a path no route covers."""
-    if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            await send({"type": message["type"] + ".complete"})
-            if message["type"] == "lifespan.shutdown":
-                return
-    if scope["type"] != "http":
-        return
-    body = b'{"type":"about:blank","title":"Not Found","status":404,"detail":"no route"}'
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 404,
-            "headers": [
-                (b"content-type", b"application/problem+json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
-
-
 class _Stop(Exception):
     """SIGTERM, turned into an exception like SIGINT's KeyboardInterrupt."""
 
@@ -191,7 +167,7 @@ def serve(
     server_kind: str,
 ) -> None:
     """Run a standalone balancer for CONFIG, or for --backend URLs."""
-    from .asgi import BalanceMiddleware
+    from .asgi import BalanceMiddleware, not_found
 
     if config and backends:
         raise click.UsageError("give a CONFIG file or --backend URLs, not both")
@@ -206,7 +182,7 @@ def serve(
     click.echo(f"balancekit serving on {_url(sock)} (Ctrl-C to stop)")
     for name, pool in balancer.pools.items():
         click.echo(f"  pool {name}: {len(pool.backends)} backends, {pool.algorithm.name}")
-    app = BalanceMiddleware(_not_found, balancer=balancer)
+    app = BalanceMiddleware(not_found, balancer=balancer)
     if server_kind == "uvicorn":
         with _stopped_by_signals():
             _server(app).run(sockets=[sock])

@@ -7,12 +7,11 @@ from typing import Any
 from urllib.parse import quote
 
 from ._balancer import Balancer, ConfigInput, balancer_from
-from ._engine_sync import Environ, StartResponse, environ_headers, respond
-from ._problem import bad_request
-from ._routing import BadPath, normalize_path
-from .status import StatusEndpoint
+from ._classify import Classification, Refuse, Routed, Status
+from ._engine_sync import Environ, StartResponse, environ_headers, http_version, respond
+from ._routing import Route
 
-__all__ = ["BalanceMiddleware"]
+__all__ = ["BalanceMiddleware", "classify_environ", "environ_headers", "request_path", "respond"]
 
 WSGIApp = Any
 
@@ -59,31 +58,41 @@ class BalanceMiddleware:
     ) -> None:
         self.app = app
         self.balancer = balancer_from(config, balancer)
-        status = self.balancer.config.status
-        self.status = StatusEndpoint(self.balancer) if status.enabled else None
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        balancer = self.balancer
         # This process's first request starts its health checks: after a
         # pre-fork server forked, so that every worker runs its own.
-        self.balancer.start_background()
-        raw_text = request_path(environ)
-        try:
-            raw_path, path = normalize_path(raw_text)
-        except (BadPath, UnicodeDecodeError) as exc:
-            if isinstance(exc, UnicodeDecodeError) and not self.balancer.routes.covers_raw(
-                raw_text
-            ):
-                return self.app(environ, start_response)  # type: ignore[no-any-return]
-            return respond(start_response, *bad_request(str(exc)))
-        if self.status is not None and self.status.matches(path):
-            answer = self.status.respond(
-                path,
+        balancer.start_background()
+        verdict = classify_environ(balancer, environ)
+        if type(verdict) is Routed:
+            return balancer.sync_engine().handle(verdict, environ, start_response)
+        if type(verdict) is Refuse:
+            return respond(start_response, verdict.status, verdict.headers, verdict.body)
+        if type(verdict) is Status:
+            endpoint = balancer.status_endpoint
+            assert endpoint is not None  # no Status verdict without one
+            answer = endpoint.respond(
+                verdict.path,
                 environ.get("REMOTE_ADDR", ""),
                 environ_headers(environ),
                 environ.get("QUERY_STRING", ""),
             )
             return respond(start_response, *answer)
-        route = self.balancer.routes.match(path)
-        if route is None:
-            return self.app(environ, start_response)  # type: ignore[no-any-return]
-        return self.balancer.sync_engine().handle(route, path, raw_path, environ, start_response)
+        return self.app(environ, start_response)  # type: ignore[no-any-return]
+
+
+def classify_environ(
+    balancer: Balancer, environ: Environ, route: Route | None = None
+) -> Classification:
+    """:meth:`Balancer.classify` for a WSGI request (see :func:`request_path`)."""
+    return balancer.classify(
+        environ.get("REQUEST_METHOD", "GET"),
+        request_path(environ),
+        environ_headers(environ),
+        query=environ.get("QUERY_STRING", ""),
+        client_ip=environ.get("REMOTE_ADDR", ""),
+        scheme=environ.get("wsgi.url_scheme", "http"),
+        http_version=http_version(environ),
+        route=route,
+    )

@@ -15,11 +15,8 @@ from urllib.parse import quote
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import HttpRequest, HttpResponseBase, StreamingHttpResponse
 
-from balancekit._engine_sync import environ_headers
-from balancekit._problem import bad_request
-from balancekit._routing import BadPath, Route, normalize_path
-from balancekit.status import StatusEndpoint
-from balancekit.wsgi import request_path
+from balancekit.adapter import Classification, Refuse, Routed, Status
+from balancekit.wsgi import classify_environ, environ_headers
 
 from .runtime import current
 
@@ -52,9 +49,8 @@ class BalanceMiddleware:
     def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
         self.get_response = get_response
         self.runtime = current()  # settings are checked here, at start-up
-        config = self.runtime.balancer.config.status
-        self.status = StatusEndpoint(self.runtime.balancer) if config.enabled else None
         self.is_async = iscoroutinefunction(get_response)
+        self._started = False  # the balancer's background work, under ASGI
         if self.is_async:
             markcoroutinefunction(self)
 
@@ -63,81 +59,62 @@ class BalanceMiddleware:
             return self.__acall__(request)
         runtime = self.runtime
         runtime.start()
-        environ = request.META
-        routed = self._route(request_path(environ), request)
-        if routed is None:
-            return self.get_response(request)
-        if isinstance(routed, HttpResponseBase):
-            return routed
-        if isinstance(routed, _StatusRequest):
-            return self._status(request, routed.path, _is_staff(request))
-        route, raw_path, path = routed
         balancer = runtime.balancer
-        balancer.start_background()
-        captured: list[Any] = []
+        environ = request.META
+        verdict = classify_environ(balancer, environ)
+        if type(verdict) is Routed:
+            balancer.start_background()
+            captured: list[Any] = []
 
-        def start_response(
-            status: str, headers: list[tuple[str, str]], exc_info: Any = None
-        ) -> None:
-            captured[:] = [int(status.split(" ", 1)[0]), headers]
+            def start_response(
+                status: str, headers: list[tuple[str, str]], exc_info: Any = None
+            ) -> None:
+                captured[:] = [int(status.split(" ", 1)[0]), headers]
 
-        body = balancer.sync_engine().handle(route, path, raw_path, environ, start_response)
-        return ProxiedResponse(body, *captured)
+            body = balancer.sync_engine().handle(verdict, environ, start_response)
+            return ProxiedResponse(body, *captured)
+        if type(verdict) is Status:
+            return self._status(request, verdict.path, _is_staff(request))
+        return self._answer(verdict) or self.get_response(request)
 
     async def __acall__(self, request: HttpRequest) -> Any:
         runtime = self.runtime
         if runtime._thread is None:
             await asyncio.to_thread(runtime.start)  # the first request: reads the database
-        routed = self._route(_raw(request), request)
-        if routed is None:
-            return await self.get_response(request)
-        if isinstance(routed, HttpResponseBase):
-            return routed
-        if isinstance(routed, _StatusRequest):
+        verdict = _classify_scope(runtime.balancer, request)
+        if type(verdict) is Routed:
+            if not self._started:  # Django's ASGI handler sends no lifespan
+                self._started = True
+                await runtime.balancer.astart()
+            return await _proxy_async(runtime.balancer, verdict, request)
+        if type(verdict) is Status:
             staff = await asyncio.to_thread(_is_staff, request)
-            return self._status(request, routed.path, staff)
-        route, raw_path, path = routed
-        return await _proxy_async(runtime.balancer, route, path, raw_path, request)
+            return self._status(request, verdict.path, staff)
+        return self._answer(verdict) or await self.get_response(request)
+
+    @staticmethod
+    def _answer(verdict: Classification) -> HttpResponseBase | None:
+        """The answer to a refused request; None when Django has it."""
+        if type(verdict) is Refuse:
+            return _plain(verdict.status, verdict.headers, verdict.body)
+        return None
 
     def _status(self, request: HttpRequest, path: str, staff: bool) -> HttpResponseBase:
         """The status path: with no token and no allow list of its own, for
         staff only (as the admin); else by its token and allow list."""
-        assert self.status is not None
-        config = self.runtime.balancer.config.status
+        balancer = self.runtime.balancer
+        endpoint = balancer.status_endpoint
+        assert endpoint is not None  # no Status verdict without one
+        config = balancer.config.status
         if not config.token and not config.allow and not staff:
             return _plain(403, [(b"content-type", b"text/plain; charset=utf-8")], b"staff only\n")
         scope = getattr(request, "scope", None)
         headers = scope["headers"] if scope is not None else environ_headers(request.META)
         meta = request.META
-        answer = self.status.respond(
+        answer = endpoint.respond(
             path, meta.get("REMOTE_ADDR", ""), headers, meta.get("QUERY_STRING", "")
         )
         return _plain(*answer)
-
-    def _route(
-        self, raw_text: str, request: HttpRequest
-    ) -> tuple[Route, str, str] | HttpResponseBase | _StatusRequest | None:
-        """What to do: proxy on a route, answer here (a bad path, the status
-        path), or (None) let Django have it."""
-        balancer = self.runtime.balancer
-        try:
-            raw_path, path = normalize_path(raw_text)
-        except (BadPath, UnicodeDecodeError) as exc:
-            if isinstance(exc, UnicodeDecodeError) and not balancer.routes.covers_raw(raw_text):
-                return None
-            status, headers, body = bad_request(str(exc))
-            return _plain(status, headers, body)
-        if self.status is not None and self.status.matches(path):
-            return _StatusRequest(path)
-        route = balancer.routes.match(path)
-        return None if route is None else (route, raw_path, path)
-
-
-class _StatusRequest:
-    """The request is for the status path (answered once the user is known)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
 
 
 def _is_staff(request: HttpRequest) -> bool:
@@ -159,17 +136,28 @@ def _plain(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> Http
     return ProxiedResponse(iter([body]), status, _text(headers))
 
 
-def _raw(request: HttpRequest) -> str:
-    """The request path as sent: the ASGI scope's raw_path, else encoded again."""
-    scope = getattr(request, "scope", None)
-    if scope is not None and scope.get("raw_path"):
-        return str(scope["raw_path"].decode("latin-1"))
-    return quote(request.path_info.encode("utf-8"), safe="/;=,@!$&'()*+:~%") or "/"
+def _classify_scope(balancer: Any, request: HttpRequest) -> Classification:
+    """Classify a Django ASGI request from its scope: the raw path as sent
+    (else the decoded one, encoded again) and the scope's header pairs."""
+    scope = request.scope
+    raw = scope.get("raw_path")
+    if raw:
+        raw_path = raw.decode("latin-1")
+    else:
+        raw_path = quote(request.path_info.encode("utf-8"), safe="/;=,@!$&'()*+:~%") or "/"
+    client = scope.get("client")
+    return balancer.classify(
+        request.method or "GET",
+        raw_path,
+        scope["headers"],
+        query=scope.get("query_string", b"").decode("latin-1"),
+        client_ip=client[0] if client else "",
+        scheme=scope.get("scheme") or "http",
+        http_version=scope.get("http_version", "1.1"),
+    )
 
 
-async def _proxy_async(
-    balancer: Any, route: Route, path: str, raw_path: str, request: HttpRequest
-) -> HttpResponseBase:
+async def _proxy_async(balancer: Any, routed: Routed, request: HttpRequest) -> HttpResponseBase:
     """Run the async engine for a Django ASGI request, its messages turned
     into a streamed response. Django has read the body already (its ASGI
     handler spools it); the engine gets it in chunks all the same."""
@@ -190,7 +178,7 @@ async def _proxy_async(
         await messages.put(message)
 
     engine = balancer.engine()
-    task = asyncio.ensure_future(engine.handle(route, path, raw_path, scope, receive, send))
+    task = asyncio.ensure_future(engine.handle(routed, scope, receive, send))
     start = await messages.get()
     if start["type"] != "http.response.start":  # pragma: no cover - the engine always starts
         raise RuntimeError(f"unexpected message {start['type']}")

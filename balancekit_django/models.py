@@ -8,8 +8,8 @@ from django.core.exceptions import ValidationError
 from django.db import models, transaction
 from django.db.models import F
 
-from balancekit import ConfigError
-from balancekit._config import load_config, validate_backend
+from balancekit import ConfigError, load_config
+from balancekit.adapter import validate_backend
 
 
 def bump_version() -> None:

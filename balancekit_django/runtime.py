@@ -18,8 +18,8 @@ from typing import Any
 from django.conf import settings
 from django.db import close_old_connections
 
-from balancekit import Balancer, ConfigError
-from balancekit._config import BalancerConfig, with_default_secret
+from balancekit import Balancer, BalancerConfig, ConfigError
+from balancekit.adapter import with_default_secret
 
 logger = logging.getLogger("balancekit")
 

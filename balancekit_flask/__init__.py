@@ -25,14 +25,9 @@ from flask import Blueprint, Flask, Response, current_app, has_app_context, requ
 from flask.cli import AppGroup
 
 from balancekit import Balancer, ConfigError
-from balancekit._balancer import ConfigInput
-from balancekit._config import with_default_secret
-from balancekit._engine_sync import respond
-from balancekit._exceptions import Problem
-from balancekit._problem import bad_request
-from balancekit._routing import BadPath, Route, normalize_path
+from balancekit.adapter import ConfigInput, Problem, Refuse, Route, Routed, with_default_secret
 from balancekit.cli import status_table
-from balancekit.wsgi import BalanceMiddleware, request_path
+from balancekit.wsgi import BalanceMiddleware, classify_environ, respond
 
 __all__ = ["BalanceKit"]
 
@@ -190,16 +185,15 @@ class BalanceKit:
         ) -> None:
             captured[:] = [status, headers]
 
+        balancer = state.balancer
         body: Iterable[bytes]
-        try:
-            raw_path, path = normalize_path(request_path(environ))
-        except (BadPath, UnicodeDecodeError) as exc:
-            body = respond(start_response, *bad_request(str(exc)))
-        else:
-            balancer = state.balancer
+        verdict = classify_environ(balancer, environ, _route(state, spec))
+        if type(verdict) is Routed:
             balancer.start_background()
-            route = _route(state, spec)
-            body = balancer.sync_engine().handle(route, path, raw_path, environ, start_response)
+            body = balancer.sync_engine().handle(verdict, environ, start_response)
+        else:  # a route is given: the only other verdict is a refusal
+            assert type(verdict) is Refuse
+            body = respond(start_response, verdict.status, verdict.headers, verdict.body)
         status, headers = captured
         response = current_app.response_class(
             body, status=status, headers=headers, direct_passthrough=True

@@ -1,0 +1,180 @@
+"""The adapter preamble: what a request is to balancekit, decided without I/O.
+
+Every adapter (the ASGI and WSGI middlewares, Django's, Flask's, and so
+``balancekit serve``) asks :meth:`Balancer.classify` first and gets one of:
+
+- :data:`PASS`: not balancekit's; the app behind the adapter has it;
+- :class:`Refuse`: answer this problem (a path that climbs above the root,
+  unsafe body framing, too many headers) and forward nothing;
+- :class:`Status`: the status path; the adapter serves it with
+  ``balancer.status_endpoint`` once it knows who asks;
+- :class:`Routed`: proxy it: the route, its pool, the request as plugins
+  see it, the upstream target and the headers to forward, all worked out
+  here so that an engine only moves bytes.
+
+The order of the checks is the order of :func:`classify`; routing by host,
+method and header plugs in at the route match.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ._exchange import inspect_request, refusal_status
+from ._forwarding import upstream_request_headers
+from ._problem import problem
+from ._request import RequestInfo
+from ._routing import BadPath, normalize_path
+
+if TYPE_CHECKING:
+    from ._forwarding import TrustedProxies
+    from ._pool import Pool
+    from ._routing import Route, RouteTable
+    from ._types import RawHeaders
+    from .status import StatusEndpoint
+
+
+class Pass:
+    """Not balancekit's request: the adapter hands it to its app."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "PASS"
+
+
+#: The one :class:`Pass`.
+PASS = Pass()
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """Answer this problem and forward nothing."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """A request for the status path (``path`` normalised)."""
+
+    path: str
+
+
+class Routed:
+    """A request to proxy, with everything the engines need worked out.
+
+    ``request`` is what algorithms and persistence see; ``target`` the
+    upstream request target (the route's upstream path and the query);
+    ``headers`` the forwarded header block, Host first (the backend's is
+    put in its place per try unless the pool preserves the client's);
+    ``has_body`` whether the request framing announces a body.
+    """
+
+    __slots__ = (
+        "access_log",
+        "has_body",
+        "headers",
+        "pool",
+        "raw_path",
+        "request",
+        "route",
+        "target",
+    )
+
+    def __init__(
+        self,
+        route: Route,
+        pool: Pool,
+        request: RequestInfo,
+        raw_path: str,
+        headers: RawHeaders,
+        *,
+        has_body: bool,
+        access_log: bool,
+    ) -> None:
+        self.route = route
+        self.pool = pool
+        self.request = request
+        self.raw_path = raw_path
+        query = request.query
+        self.target = route.upstream_path(raw_path) + (f"?{query}" if query else "")
+        self.headers = headers
+        self.has_body = has_body
+        self.access_log = access_log
+
+    def __repr__(self) -> str:
+        return f"Routed({self.request.method} {self.target!r} -> pool {self.pool.name!r})"
+
+
+Classification = Pass | Refuse | Status | Routed
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    """What classifying reads, replaced as a whole on a reload so that a
+    request never sees the new routes with the old pools."""
+
+    routes: RouteTable
+    pools: dict[str, Pool]
+    trusted_proxies: TrustedProxies
+    access_log: bool
+    status: StatusEndpoint | None
+
+
+def classify(
+    model: Model,
+    method: str,
+    raw_path: str,
+    headers: RawHeaders,
+    *,
+    query: str,
+    client_ip: str,
+    scheme: str,
+    http_version: str,
+    route: Route | None,
+) -> Classification:
+    """See :meth:`balancekit.Balancer.classify`."""
+    try:
+        upstream_path, path = normalize_path(raw_path)
+    except (BadPath, UnicodeDecodeError) as exc:
+        if isinstance(exc, UnicodeDecodeError) and (
+            route is None and not model.routes.covers_raw(raw_path)
+        ):
+            return PASS  # not UTF-8, and not ours: the app decides what it means
+        return Refuse(*problem(400, str(exc), close=True))
+    if route is None:
+        status = model.status
+        if status is not None and status.matches(path):
+            return Status(path)
+        route = model.routes.match(path)
+        if route is None:
+            return PASS
+    pool = model.pools.get(route.pool)
+    if pool is None:  # an adapter's own route, to a pool a reload removed
+        return Refuse(*problem(503, "no such pool", pool=route.pool))
+    has_body, refused = inspect_request(headers, http_version)
+    if refused is not None:
+        return Refuse(*problem(refusal_status(refused), f"refused: {refused}", close=True))
+    request = RequestInfo(
+        method, path, query=query, headers=headers, client_ip=client_ip, scheme=scheme
+    )
+    forwarded = upstream_request_headers(
+        headers,
+        client_ip=client_ip or "unknown",
+        scheme=scheme,
+        trusted=client_ip in model.trusted_proxies,
+        host=None if pool.config.preserve_host else b"",
+    )
+    return Routed(
+        route,
+        pool,
+        request,
+        upstream_path,
+        forwarded,
+        has_body=has_body,
+        access_log=model.access_log,
+    )
