@@ -39,9 +39,30 @@ a 1 s unmeasured wrk warm-up. Per target, over the rounds:
 Every server is a subprocess of this script, pinned with taskset, stopped by
 PID on exit (also on Ctrl-C, SIGTERM or an error).
 
+Before and after (``--baseline DIR``). DIR is another checkout of this
+repository, say ``git worktree add /tmp/base HEAD`` next to a working tree
+being refactored. Every balancekit target (the middleware with each
+transport, ``balancekit serve``) then runs a second time with the package
+imported from DIR, as "NAME (baseline)", right after its twin in every round;
+the report adds for each balancekit target ``x base``, its requests/s over its
+twin's, and ``CPU x base``, its CPU us per request over its twin's (below 1:
+cheaper than before). How a process gets its checkout's package: both
+variants alike are given that checkout first on PYTHONPATH and
+PYTHONSAFEPATH=1, and ``balancekit serve`` is ``python -m balancekit serve``
+(the console script in .venv/bin would not do: it is the installed one's).
+PYTHONPATH alone is not enough: ``python -m`` puts the current directory
+ahead of it, so run from the working tree every variant would import the
+working tree (the editable install's .pth entry, on the other hand, comes
+after PYTHONPATH). Before starting a server, the bench imports balancekit
+that way from each checkout and stops unless the package comes from there;
+the JSON records each one's path, commit and whether balancekit/ has
+uncommitted changes. The rest is the working tree's for both: this script,
+bench/_apps.py (config and harness), the venv's dependencies and plugins.
+
     .venv/bin/python bench/proxy_bench.py            # 5 rounds of 5 s per backend kind
     .venv/bin/python bench/proxy_bench.py --quick    # 1 round of 2 s
     .venv/bin/python bench/proxy_bench.py --profile  # then py-spy on balancekit serve
+    .venv/bin/python bench/proxy_bench.py --baseline /tmp/base  # and each against DIR's
 """
 
 from __future__ import annotations
@@ -67,6 +88,7 @@ from types import FrameType
 import httpx
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 RESULTS = HERE / "results" / "proxy_bench.json"
 CLIENT_CORE, PROXY_CORE = "0", "1"
 TICK = os.sysconf("SC_CLK_TCK")
@@ -80,6 +102,10 @@ BALANCEKIT_FAST = "middleware (httptools)"
 SERVE = "balancekit serve"
 REFERENCE = "reference aiohttp proxy"
 NGINX = "nginx"
+#: The targets that run balancekit: with --baseline, each has a twin named
+#: NAME + BASELINE, run with the package from DIR.
+BALANCEKIT_TARGETS = (BALANCEKIT, BALANCEKIT_HTTPX, BALANCEKIT_FAST, SERVE)
+BASELINE = " (baseline)"
 
 #: Issue 10's targets.
 SERVE_MIN_X_NGINX = 0.8
@@ -119,6 +145,46 @@ def spawn(command: list[str], core: str, env: dict[str, str] | None = None) -> P
         env={**os.environ, **(env or {})},
         start_new_session=True,
     )
+
+
+def package_env(root: Path) -> dict[str, str]:
+    """The environment in which a Python subprocess imports balancekit from the
+    checkout ``root``: first on PYTHONPATH, and PYTHONSAFEPATH so that ``-m``
+    does not put the current directory (often the working tree) before it."""
+    path = [str(root), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {"PYTHONPATH": os.pathsep.join(path), "PYTHONSAFEPATH": "1"}
+
+
+def checkout(root: Path) -> dict[str, object]:
+    """Where ``import balancekit`` comes from in ``package_env(root)``, refusing
+    a checkout that would not be the one measured; its commit, and whether
+    balancekit/ differs from it (read-only git: no index refresh)."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import balancekit; print(balancekit.__file__)"],
+        env={**os.environ, **package_env(root)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    package = Path(done.stdout.strip()).resolve().parent if done.returncode == 0 else None
+    if package != (root / "balancekit").resolve():
+        raise RuntimeError(f"balancekit from {root} is imported from: {done.stdout or done.stderr}")
+    git = ["git", "-C", str(root)]
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
+    head = subprocess.run(
+        [*git, "rev-parse", "--short", "HEAD"], env=env, capture_output=True, text=True
+    )
+    status = subprocess.run(
+        [*git, "status", "--porcelain", "--", "balancekit"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    return {
+        "package": str(package),
+        "commit": head.stdout.strip() or None,
+        "modified": bool(status.stdout.strip()) if status.returncode == 0 else None,
+    }
 
 
 def start_uvicorn(app: str, port: int, core: str, env: dict[str, str]) -> Popen:
@@ -362,14 +428,23 @@ Row = dict[str, object]
 
 def summarize(targets: list[Target]) -> dict[str, Row]:
     medians = {t.name: statistics.median(r.rps for r in t.runs) for t in targets}
+    cpu = {t.name: statistics.median(t.cpu_us) for t in targets}
+    twinned = any(t.name.endswith(BASELINE) for t in targets)
     rows: dict[str, Row] = {}
     for t in targets:
         rps = medians[t.name]
+        # With --baseline, every row has the ratios to its twin (None: no twin).
+        twin = t.name + BASELINE
+        against_baseline = {
+            "x_baseline": _ratio(rps, medians.get(twin)),
+            "cpu_x_baseline": _ratio(cpu[t.name], cpu.get(twin)),
+        }
         rows[t.name] = {
             "requests_per_s": round(rps),
             "x_reference": round(rps / medians[REFERENCE], 3) if REFERENCE in medians else None,
             "x_nginx": round(rps / medians[NGINX], 3) if NGINX in medians else None,
-            "cpu_us_per_request": round(statistics.median(t.cpu_us), 1),
+            **(against_baseline if twinned else {}),
+            "cpu_us_per_request": round(cpu[t.name], 1),
             "idle_rss_mb": round(t.idle_rss_mb, 1),
             "peak_rss_mb": round(peak_rss_mb(t.process.pid), 1),
             "p99_ms": round(statistics.median(r.p99_ms for r in t.runs), 2),
@@ -378,6 +453,10 @@ def summarize(targets: list[Target]) -> dict[str, Row]:
             "rounds_cpu_us_per_request": [round(c, 1) for c in t.cpu_us],
         }
     return rows
+
+
+def _ratio(value: float, base: float | None) -> float | None:
+    return round(value / base, 3) if base else None
 
 
 def _goal(value: object, target: str, met: bool) -> dict[str, object]:
@@ -423,7 +502,9 @@ COLUMNS = [
     ("req/s", "requests_per_s"),
     ("x ref", "x_reference"),
     ("x nginx", "x_nginx"),
+    ("x base", "x_baseline"),  # these two only with --baseline
     ("CPU us/req", "cpu_us_per_request"),
+    ("CPU x base", "cpu_x_baseline"),
     ("idle RSS MB", "idle_rss_mb"),
     ("peak RSS MB", "peak_rss_mb"),
     ("p99 ms", "p99_ms"),
@@ -432,9 +513,10 @@ COLUMNS = [
 
 
 def print_table(rows: dict[str, Row]) -> None:
-    header = ["target", *(title for title, _ in COLUMNS)]
+    columns = [(title, key) for title, key in COLUMNS if any(key in row for row in rows.values())]
+    header = ["target", *(title for title, _ in columns)]
     table = [
-        [name, *("-" if row[key] is None else str(row[key]) for _, key in COLUMNS)]
+        [name, *("-" if row[key] is None else str(row[key]) for _, key in columns)]
         for name, row in rows.items()
     ]
     widths = [max(len(line[i]) for line in [header, *table]) for i in range(len(header))]
@@ -442,6 +524,11 @@ def print_table(rows: dict[str, Row]) -> None:
         cells = [line[0].ljust(widths[0])]
         cells += [cell.rjust(width) for cell, width in zip(line[1:], widths[1:], strict=True)]
         print("  ".join(cells))
+    if any("x_baseline" in row for row in rows.values()):
+        print(
+            f"\nx base: requests/s over the{BASELINE} twin's; "
+            "CPU x base: CPU us/req over the twin's (below 1: cheaper than the baseline)"
+        )
 
 
 def print_goals(checks: dict[str, dict[str, dict[str, object]]]) -> None:
@@ -523,10 +610,23 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--profile", action="store_true", help="then sample balancekit serve with py-spy"
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="also run each balancekit target with the package from DIR, another checkout"
+        " (a git worktree of an older commit, say), and compare",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS, help=f"default {RESULTS}")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.duration = 1, 2
+    if args.baseline is not None:
+        args.baseline = args.baseline.resolve()
+        if not (args.baseline / "balancekit" / "__init__.py").is_file():
+            parser.error(f"--baseline {args.baseline}: no balancekit package in it")
+        if args.baseline == ROOT:
+            parser.error(f"--baseline {args.baseline} is this working tree")
     return args
 
 
@@ -550,10 +650,19 @@ def write_serve_config(path: Path, backend_urls: list[str]) -> None:
     )
 
 
+def twins(name: str, baseline: Path | None) -> list[tuple[str, Path]]:
+    """(name suffix, checkout to import balancekit from) for each run of target
+    ``name``: the working tree's, then for a balancekit target DIR's."""
+    if baseline is None or name not in BALANCEKIT_TARGETS:
+        return [("", ROOT)]
+    return [("", ROOT), (BASELINE, baseline)]
+
+
 def start_targets(
-    processes: list[Popen], prefix: Path, kind: str, with_httpx: bool
+    processes: list[Popen], prefix: Path, kind: str, with_httpx: bool, baseline: Path | None
 ) -> list[Target]:
-    """Start backends and proxies, appending each process to ``processes`` at once."""
+    """Start backends and proxies, appending each process to ``processes`` at once;
+    a baseline twin right after its target, so it runs next to it in every round."""
     backend_ports = [free_port() for _ in range(N_BACKENDS)]
     binary = nginx_binary()
     if kind == "nginx":
@@ -577,15 +686,18 @@ def start_targets(
     if with_httpx:
         plan.insert(1, (BALANCEKIT_HTTPX, "_apps:balancekit_app", {"BENCH_TRANSPORT": "httpx"}))
     for name, app, extra in plan:
-        port = free_port()
-        processes.append(start_uvicorn(app, port, PROXY_CORE, {**env, **extra}))
-        targets.append(Target(name, port, processes[-1]))
+        for suffix, root in twins(name, baseline):
+            port = free_port()
+            app_env = {**env, **extra, **package_env(root)}
+            processes.append(start_uvicorn(app, port, PROXY_CORE, app_env))
+            targets.append(Target(name + suffix, port, processes[-1]))
     config = prefix / f"serve-{kind}.toml"
     write_serve_config(config, urls)
-    port = free_port()
-    serve = [sys.executable, "-m", "balancekit", "serve", str(config), "--port", str(port)]
-    processes.append(spawn(serve, PROXY_CORE))
-    targets.append(Target(SERVE, port, processes[-1]))
+    for suffix, root in twins(SERVE, baseline):
+        port = free_port()
+        serve = [sys.executable, "-m", "balancekit", "serve", str(config), "--port", str(port)]
+        processes.append(spawn(serve, PROXY_CORE, package_env(root)))
+        targets.append(Target(SERVE + suffix, port, processes[-1]))
     if binary is None:
         print("nginx not installed: skipped", file=sys.stderr)
     else:
@@ -604,7 +716,7 @@ def start_targets(
 def run_kind(
     args: argparse.Namespace, prefix: Path, processes: list[Popen], kind: str
 ) -> dict[str, object]:
-    targets = start_targets(processes, prefix, kind, args.with_httpx)
+    targets = start_targets(processes, prefix, kind, args.with_httpx, args.baseline)
     print(f"{kind} backends: all {len(targets)} targets answer 200", file=sys.stderr)
     for round_ in range(args.rounds):
         for target in targets:
@@ -627,6 +739,10 @@ def run_kind(
 
 def run(args: argparse.Namespace, prefix: Path, processes: list[Popen]) -> dict[str, object]:
     kinds = ["python", "nginx"] if args.backends == "both" else [args.backends]
+    # Checked before any server starts: each variant imports its own checkout.
+    packages = {"working_tree": checkout(ROOT)}
+    if args.baseline is not None:
+        packages["baseline"] = checkout(args.baseline)
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "python": platform.python_version(),
@@ -634,6 +750,7 @@ def run(args: argparse.Namespace, prefix: Path, processes: list[Popen]) -> dict[
         "rounds": args.rounds,
         "duration_s": args.duration,
         "connections": args.connections,
+        "balancekit": packages,
         "backends": {kind: run_kind(args, prefix, processes, kind) for kind in kinds},
     }
 
