@@ -21,10 +21,15 @@ FAILURE_LATENCY_MS = 1000.0
 RECENT_SAMPLES = 512
 
 
-def _percentile(ordered: list[float], q: float) -> float | None:
+def percentile(ordered: list[float], q: float) -> float | None:
+    """The ``q`` quantile (0 to 1) of sorted samples, nearest rank; None if none."""
     if not ordered:
         return None
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
 
 
 class BackendState(enum.StrEnum):
@@ -156,8 +161,8 @@ class Backend:
             "latency_ewma_ms": (
                 None if self.latency_ewma_ms is None else round(self.latency_ewma_ms, 3)
             ),
-            "latency_p50_ms": _percentile(recent, 0.50),
-            "latency_p99_ms": _percentile(recent, 0.99),
+            "latency_p50_ms": _rounded(percentile(recent, 0.50)),
+            "latency_p99_ms": _rounded(percentile(recent, 0.99)),
             "state_since": round(self.state_since, 3),
             "last_check": (
                 None

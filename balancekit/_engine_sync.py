@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 from ._exceptions import NoEligibleBackend, ProxyError, UpstreamProtocolError
@@ -24,7 +23,7 @@ from ._exchange import (
     with_host,
 )
 from ._forwarding import downstream_response_headers
-from ._problem import error_problem, problem
+from ._problem import error_problem, problem, status_line
 from ._transports import make_sync_transport
 
 if TYPE_CHECKING:
@@ -43,15 +42,10 @@ WSGIResponse = Iterator[bytes] | list[bytes]
 #: Bytes read from ``wsgi.input`` at once.
 BODY_CHUNK = 64 * 1024
 
-_STATUS_LINES = {int(s): f"{int(s)} {s.phrase}" for s in HTTPStatus}
 
 #: ``HTTP_X_FORWARDED_FOR`` -> ``b"x-forwarded-for"``, worked out once per name.
 _HEADER_NAMES: dict[str, bytes] = {}
 _CONTENT_HEADERS = (("CONTENT_TYPE", b"content-type"), ("CONTENT_LENGTH", b"content-length"))
-
-
-def status_line(status: int) -> str:
-    return _STATUS_LINES.get(status) or f"{status} Unknown"
 
 
 def environ_headers(environ: Environ) -> RawHeaders:

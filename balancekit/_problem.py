@@ -12,6 +12,14 @@ RETRY_AFTER = 5
 
 Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
 
+_STATUS_LINES = {int(s): f"{int(s)} {s.phrase}" for s in HTTPStatus}
+
+
+def status_line(status: int) -> str:
+    """``"200 OK"``: a status and its reason phrase (``Unknown`` for one
+    :class:`http.HTTPStatus` does not name)."""
+    return _STATUS_LINES.get(status) or f"{status} Unknown"
+
 
 def problem(
     status: int,

@@ -41,7 +41,8 @@ from urllib.parse import unquote
 
 import httptools
 
-from ._problem import problem
+from ._exchange import MAX_HEADER_BYTES, MAX_HEADER_COUNT
+from ._problem import problem, status_line
 from ._types import Message
 
 if TYPE_CHECKING:
@@ -49,13 +50,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("balancekit")
 
-MAX_HEAD_BYTES = 64 * 1024
-MAX_HEADER_COUNT = 100
+#: The request line and header fields together: the fields' limit (the
+#: same for every adapter) and room for a long request target.
+MAX_HEAD_BYTES = MAX_HEADER_BYTES + 4 * 1024
 HEAD_TIMEOUT = 10.0
 KEEP_ALIVE = 5.0
 BODY_BUFFER = 256 * 1024
 
-_STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
+_STATUS_LINES = {s.value: f"HTTP/1.1 {status_line(s.value)}\r\n".encode() for s in HTTPStatus}
 _NO_BODY_STATUS = frozenset({204, 304})
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
 

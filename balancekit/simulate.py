@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._backend import percentile
 from ._config import PoolConfig, plugin_options
 from ._exceptions import ConfigError, NoEligibleBackend, Problem
 from ._pool import Pool
@@ -151,12 +152,6 @@ def _zipf_cdf(keys: int, s: float = 1.1) -> list[float]:
     return cdf
 
 
-def _percentile(ordered: list[float], q: float) -> float:
-    if not ordered:
-        return 0.0
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def construct(
     cls: type[Any], options: Mapping[str, Any], clock: Callable[[], float], seed: int
 ) -> Any:
@@ -264,9 +259,9 @@ def simulate(
     share = {models[b].name: count / total for b, count in served.items()}
     mean_share = 1 / len(share)
     return Result(
-        p50_ms=_percentile(latencies, 0.50),
-        p95_ms=_percentile(latencies, 0.95),
-        p99_ms=_percentile(latencies, 0.99),
+        p50_ms=percentile(latencies, 0.50) or 0.0,
+        p95_ms=percentile(latencies, 0.95) or 0.0,
+        p99_ms=percentile(latencies, 0.99) or 0.0,
         mean_ms=sum(latencies) / len(latencies) if latencies else 0.0,
         error_rate=errors / requests,
         share=share,

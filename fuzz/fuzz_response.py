@@ -1,4 +1,4 @@
-"""Fuzz the fast transport's response path: bytes from a hostile backend.
+"""Fuzz the httptools transport's response path: bytes from a hostile backend.
 
     python fuzz/fuzz_response.py -max_total_time=60
 
@@ -22,12 +22,12 @@ import atheris
 # Only balancekit is instrumented (see fuzz_request.py).
 with atheris.instrument_imports(include=["balancekit"]):
     from balancekit._exceptions import ProxyError
-    from balancekit._transports.fast import FastResponse, _Connection
+    from balancekit._transports.httptools import HttptoolsResponse, _Connection
 
 LOOP = asyncio.new_event_loop()
 
 
-async def _read_all(response: FastResponse) -> bytes:
+async def _read_all(response: HttptoolsResponse) -> bytes:
     body = bytearray()
     while chunk := await response.read():
         body += chunk
@@ -55,7 +55,7 @@ def one_input(data: bytes) -> None:
             return
         assert 100 <= conn.status <= 999, conn.status
         assert all(name == name.lower() for name, _ in conn.headers)
-        response = FastResponse(conn, "fuzz", 1.0, collections.deque(), False)
+        response = HttptoolsResponse(conn, "fuzz", 1.0, collections.deque(), False)
         with contextlib.suppress(ProxyError):
             LOOP.run_until_complete(asyncio.wait_for(_read_all(response), 1.0))
     finally:

@@ -109,9 +109,9 @@ def make_async_transport(name: str) -> AsyncTransport:
 
         return HttpxTransport()
     if name == "httptools":
-        from .fast import FastTransport
+        from .httptools import HttptoolsTransport
 
-        return FastTransport()
+        return HttptoolsTransport()
     from .aiohttp import AiohttpTransport
 
     return AiohttpTransport()

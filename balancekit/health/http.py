@@ -12,7 +12,7 @@ import asyncio
 from .._backend import Backend
 from .._config import TimeoutsConfig
 from .._exceptions import ProxyError
-from .._transports.fast import FastResponse, FastTransport
+from .._transports.httptools import HttptoolsResponse, HttptoolsTransport
 
 
 def parse_status_ranges(spec: str) -> list[tuple[int, int]]:
@@ -75,7 +75,7 @@ class HTTPHealthCheck:
         self._extra = [h for h in extra if h[0] not in (b"host", b"connection")]
         self._host = next((v for k, v in extra if k == b"host"), None)
         self._timeouts = TimeoutsConfig(connect=timeout, read=timeout, write=timeout)
-        self._transport = FastTransport()
+        self._transport = HttptoolsTransport()
 
     async def check(self, backend: Backend) -> bool:
         host = self._host or backend.host_header_raw
@@ -92,7 +92,7 @@ class HTTPHealthCheck:
         except (ProxyError, TimeoutError, OSError):
             return False
 
-    async def _judge(self, response: FastResponse) -> bool:
+    async def _judge(self, response: HttptoolsResponse) -> bool:
         if not any(lo <= response.status <= hi for lo, hi in self.ranges):
             return False
         if self.expect_body is None:

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 
 import httptools
 
+from .._decision import IDEMPOTENT_METHODS
 from .._exceptions import (
     ProxyError,
     UpstreamConnectError,
@@ -53,7 +54,7 @@ IDLE_SECONDS = 30.0
 #: Unread upstream bytes at which the socket stops being read.
 READ_BUFFER = 256 * 1024
 
-_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+_IDEMPOTENT = frozenset(method.encode() for method in IDEMPOTENT_METHODS)
 
 
 class _Stale(Exception):
@@ -239,7 +240,7 @@ class _Connection(asyncio.Protocol):
         self._fail(UpstreamTimeout("upstream timed out", pool=""))
 
 
-class FastResponse:
+class HttptoolsResponse:
     __slots__ = ("_conn", "_head_request", "_pool", "_pooled", "_read_timeout", "headers", "status")
 
     def __init__(
@@ -308,7 +309,7 @@ def _as_proxy_error(error: BaseException, pool: str) -> ProxyError:
     return UpstreamError("upstream connection failed", pool=pool)
 
 
-class FastTransport:
+class HttptoolsTransport:
     name = "httptools"
 
     def __init__(self) -> None:
@@ -361,7 +362,7 @@ class FastTransport:
         timeouts: TimeoutsConfig,
         *,
         pool: str,
-    ) -> FastResponse:
+    ) -> HttptoolsResponse:
         key = (backend.host, backend.port, backend.scheme == "https")
         conn, pooled = self._checkout(key)
         method_raw = method.encode("ascii")
@@ -409,7 +410,7 @@ class FastTransport:
             except BaseException:
                 conn.close()
                 raise
-            return FastResponse(conn, pool, timeouts.read, pooled, method_raw == b"HEAD")
+            return HttptoolsResponse(conn, pool, timeouts.read, pooled, method_raw == b"HEAD")
         raise UpstreamError("upstream closed the connection", pool=pool)
 
     async def _write(
@@ -480,4 +481,4 @@ def _request_head(
     return b"\r\n".join(lines)
 
 
-__all__ = ["FastResponse", "FastTransport"]
+__all__ = ["HttptoolsResponse", "HttptoolsTransport"]

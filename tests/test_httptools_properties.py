@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from balancekit._backend import Backend
 from balancekit._config import TimeoutsConfig
 from balancekit._exceptions import ProxyError
-from balancekit._transports.fast import FastTransport
+from balancekit._transports.httptools import HttptoolsTransport
 
 TIMEOUTS = TimeoutsConfig(connect=2, read=2, write=2)
 
@@ -130,7 +130,7 @@ async def _exchange_all(answers: list[list[bytes]], close_after: bool) -> tuple[
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     backend = Backend(f"http://127.0.0.1:{port}")
-    transport = FastTransport()
+    transport = HttptoolsTransport()
     results: list = []
     try:
         for _ in range(len(answers)):
