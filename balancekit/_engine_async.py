@@ -221,7 +221,7 @@ class _Exchange:
             if self.response_started:
                 raise  # the server drops the connection: the client sees it cut
             self.finished = True
-            error = ProxyError("the balancer failed to proxy the request", pool=self.pool.name)
+            error = ProxyError(pool=self.pool.name)
             await _respond(self.send, *error_problem(error))
         finally:
             self.finished = True
@@ -255,12 +255,12 @@ class _Exchange:
                         with_host(headers, backend, preserve_host),
                         body,
                         pool.timeouts,
-                        pool=pool.name,
                     )
                 except ClientDisconnected:
                     self.disconnected = True  # says nothing of the backend
                     return
                 except ProxyError as exc:
+                    exc.pool = pool.name  # the one place a transport's error meets its pool
                     if caused_by_client(exc):
                         self.disconnected = True
                         return
@@ -272,9 +272,7 @@ class _Exchange:
                 if not valid_status(response.status):
                     await response.aclose()
                     attempts.release(ok=False)
-                    await self._problem(
-                        UpstreamProtocolError("upstream sent a malformed response", pool=pool.name)
-                    )
+                    await self._problem(UpstreamProtocolError(pool=pool.name))
                     return
                 await self._relay(attempts, backend, response)
                 return

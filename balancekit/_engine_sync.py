@@ -180,7 +180,7 @@ class SyncEngine:
         except Exception:  # the request boundary: a bug here must not kill the worker
             pool = routed.pool.name
             logger.exception("pool %s: unexpected error while proxying", pool)
-            error = ProxyError("the balancer failed to proxy the request", pool=pool)
+            error = ProxyError(pool=pool)
             return respond(start_response, *error_problem(error))
 
     def _exchange(
@@ -209,12 +209,12 @@ class SyncEngine:
                         with_host(headers, backend, preserve_host),
                         body,
                         pool.timeouts,
-                        pool=pool.name,
                     )
                 except ClientDisconnected:
                     attempts.client_left()  # says nothing of the backend
                     raise
                 except ProxyError as exc:
+                    exc.pool = pool.name  # the one place a transport's error meets its pool
                     if caused_by_client(exc):
                         attempts.client_left()
                         raise ClientDisconnected from exc
@@ -225,9 +225,7 @@ class SyncEngine:
                 if not valid_status(response.status):
                     response.close()
                     attempts.release(ok=False)
-                    error = UpstreamProtocolError(
-                        "upstream sent a malformed response", pool=pool.name
-                    )
+                    error = UpstreamProtocolError(pool=pool.name)
                     return self._problem(error, routed, start_response)
                 relay = Relay(attempts, backend, response, request, target, routed.access_log)
                 try:

@@ -56,7 +56,10 @@ class PluginError(BalancekitError):
 
 
 class StoreError(BalancekitError):
-    """A store could not be reached or answered with an error."""
+    """A store could not be reached or answered with an error: what the
+    built-in stores raise, the driver's exception as its cause. Requests
+    never see it: the balancer's ``GuardedStore`` turns an outage into
+    unpinned balancing."""
 
 
 class ProxyError(BalancekitError):
@@ -70,10 +73,14 @@ class ProxyError(BalancekitError):
 
     status_code = 502
     request_sent = True
+    #: The detail when the raiser gives none: each kind's message, written once.
+    default_detail = "the balancer failed to proxy the request"
 
-    def __init__(self, detail: str, *, pool: str = "", request_sent: bool | None = None) -> None:
+    def __init__(
+        self, detail: str | None = None, *, pool: str = "", request_sent: bool | None = None
+    ) -> None:
         self.pool = pool
-        self.detail = detail
+        self.detail = detail or self.default_detail
         if request_sent is not None:
             self.request_sent = request_sent
         super().__init__(detail)
@@ -90,16 +97,25 @@ class NoEligibleBackend(ProxyError):
 class UpstreamError(ProxyError):
     """The upstream failed: answered 502 (504 for a timeout)."""
 
+    default_detail = "upstream connection failed"
+
+    @classmethod
+    def closed(cls) -> UpstreamError:
+        return cls("upstream closed the connection")
+
 
 class UpstreamConnectError(UpstreamError):
     """The backend refused the connection or could not be reached: nothing
     was sent."""
 
     request_sent = False
+    default_detail = "upstream refused the connection"
 
 
 class UpstreamProtocolError(UpstreamError):
     """The backend answered something that is not valid HTTP/1.1."""
+
+    default_detail = "upstream sent a malformed response"
 
 
 class UpstreamTimeout(UpstreamError):
@@ -107,3 +123,14 @@ class UpstreamTimeout(UpstreamError):
     A connect timeout is raised with ``request_sent=False``."""
 
     status_code = 504
+    default_detail = "upstream timed out"
+
+    @classmethod
+    def connecting(cls) -> UpstreamTimeout:
+        """The backend did not accept the connection in time: nothing was sent."""
+        return cls("upstream did not accept the connection in time", request_sent=False)
+
+    @classmethod
+    def writing(cls) -> UpstreamTimeout:
+        """The backend stopped taking the request body."""
+        return cls("upstream did not read the request body in time")

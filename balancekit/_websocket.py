@@ -82,7 +82,7 @@ async def proxy_websocket(
         pool.release(backend, ok=False, latency_ms=(time.perf_counter() - started) * 1000)
         if not isinstance(exc, AIOHTTP_ERRORS):
             raise
-        error = translate_error(exc, pool.name)
+        error = translate_error(exc)
         logger.warning("pool %s: websocket upstream failed: %s", pool.name, error.detail)
         await send({"type": "websocket.close", "code": BAD_GATEWAY})
         return

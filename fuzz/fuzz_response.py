@@ -55,7 +55,7 @@ def one_input(data: bytes) -> None:
             return
         assert 100 <= conn.status <= 999, conn.status
         assert all(name == name.lower() for name, _ in conn.headers)
-        response = HttptoolsResponse(conn, "fuzz", 1.0, collections.deque(), False)
+        response = HttptoolsResponse(conn, 1.0, collections.deque(), False)
         with contextlib.suppress(ProxyError):
             LOOP.run_until_complete(asyncio.wait_for(_read_all(response), 1.0))
     finally:

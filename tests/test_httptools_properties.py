@@ -136,7 +136,7 @@ async def _exchange_all(answers: list[list[bytes]], close_after: bool) -> tuple[
         for _ in range(len(answers)):
             try:
                 response = await transport.send(
-                    backend, "GET", "/x", [(b"host", b"h")], None, TIMEOUTS, pool="p"
+                    backend, "GET", "/x", [(b"host", b"h")], None, TIMEOUTS
                 )
                 body = bytearray()
                 while chunk := await response.read():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import subprocess
@@ -58,7 +59,7 @@ def pin_of(response: httpx.Response) -> str | None:
 
 def test_cookie_pins_a_client_and_never_reveals_the_backend(serve, named, engine) -> None:
     server, balancer = balanced(
-        serve, urls(named), transport=engine, pool=cookie_pool(named), secret=SECRET
+        serve, urls(named), engine=engine, pool=cookie_pool(named), secret=SECRET
     )
     first = httpx.get(f"{server.url}/api/x")
     header = first.headers["set-cookie"]
@@ -127,7 +128,7 @@ def test_the_pin_moves_off_a_killed_backend_and_stays_on_a_draining_one(
     serve, named, engine
 ) -> None:
     server, balancer = balanced(
-        serve, urls(named), transport=engine, pool=cookie_pool(named), secret=SECRET
+        serve, urls(named), engine=engine, pool=cookie_pool(named), secret=SECRET
     )
     pool = balancer.pools["api"]
     response = httpx.get(f"{server.url}/api/x")
@@ -153,7 +154,7 @@ def test_the_pin_moves_off_a_killed_backend_and_stays_on_a_draining_one(
 @pytest.mark.parametrize("key", ["header:X-Session-ID", "cookie:sessionid"])
 def test_session_key_pins_each_session(serve, named, engine, key) -> None:
     pool = {"persistence": {"type": "session", "key": key, "ttl": 60}}
-    server, balancer = balanced(serve, urls(named), transport=engine, pool=pool)
+    server, balancer = balanced(serve, urls(named), engine=engine, pool=pool)
     source, name = key.split(":")
 
     def get(session: str) -> httpx.Response:  # one session's request
@@ -237,6 +238,28 @@ def test_redis_store_round_trip_and_sliding_ttl(redis_url) -> None:
     assert client.pttl("k") > 50_000  # renewed by the read
     client.close()
     store.close()
+
+
+def test_a_redis_store_that_cannot_be_reached_raises_store_error_without_its_password() -> None:
+    from balancekit import StoreError
+    from balancekit.stores.redis import RedisStore
+
+    store = RedisStore(f"redis://:hunter2@127.0.0.1:{free_port()}/0")
+    try:
+        with pytest.raises(StoreError) as raised:
+            store.set("k", "v", ttl=5)
+        assert "hunter2" not in str(raised.value) and "127.0.0.1" in str(raised.value)
+
+        async def read() -> None:
+            try:
+                with pytest.raises(StoreError):
+                    await store.aget("k")
+            finally:
+                await store.aclose()
+
+        asyncio.run(read())
+    finally:
+        store.close()
 
 
 def balancer_toml(tmp_path: Path, name: str, backends: list[str], store: str) -> Path:

@@ -47,11 +47,10 @@ class AsyncTransport(Protocol):
         headers: RawHeaders,
         body: AsyncIterable[bytes] | None,
         timeouts: TimeoutsConfig,
-        *,
-        pool: str,
     ) -> UpstreamResponse:
         """Send a request to ``backend``; ``target`` is path and query, already
-        prefixed with the backend's own path."""
+        prefixed with the backend's own path. Errors are ``ProxyError``
+        subclasses without a pool: the engine names it, at one place."""
         ...
 
     async def aclose(self) -> None: ...
@@ -81,8 +80,6 @@ class SyncTransport(Protocol):
         headers: RawHeaders,
         body: Iterable[bytes] | None,
         timeouts: TimeoutsConfig,
-        *,
-        pool: str,
     ) -> SyncResponse:
         """As :meth:`AsyncTransport.send`, blocking; safe to call from any thread."""
         ...

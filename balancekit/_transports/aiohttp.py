@@ -30,23 +30,21 @@ KEEPALIVE_TIMEOUT = 30.0
 AIOHTTP_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
 
 
-def translate_error(exc: BaseException, pool: str) -> ProxyError:
+def translate_error(exc: BaseException) -> ProxyError:
     """The most specific balancekit error for one of aiohttp's.
 
     A plain function rather than a context manager: it sits on the path of
     every request, and ``try``/``except`` costs nothing until it fires.
     """
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return UpstreamTimeout(
-            "upstream did not accept the connection in time", pool=pool, request_sent=False
-        )
+        return UpstreamTimeout.connecting()
     if isinstance(exc, aiohttp.SocketTimeoutError | TimeoutError):
-        return UpstreamTimeout("upstream timed out", pool=pool)
+        return UpstreamTimeout()
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamConnectError("upstream refused the connection", pool=pool)
+        return UpstreamConnectError()
     if isinstance(exc, aiohttp.ClientResponseError | aiohttp.ClientPayloadError):
-        return UpstreamProtocolError("upstream sent a malformed response", pool=pool)
-    return UpstreamError("upstream connection failed", pool=pool)
+        return UpstreamProtocolError()
+    return UpstreamError()
 
 
 class _WriteWatch:
@@ -76,11 +74,10 @@ class _WriteWatch:
 
 
 class AiohttpResponse:
-    __slots__ = ("_pool", "_response", "headers", "status")
+    __slots__ = ("_response", "headers", "status")
 
-    def __init__(self, response: aiohttp.ClientResponse, pool: str) -> None:
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
-        self._pool = pool
         self.status = response.status
         self.headers: RawHeaders = list(response.raw_headers)
 
@@ -88,7 +85,7 @@ class AiohttpResponse:
         try:
             return await self._response.content.readany()
         except AIOHTTP_ERRORS as exc:
-            raise translate_error(exc, self._pool) from exc
+            raise translate_error(exc) from exc
 
     async def aclose(self) -> None:
         response = self._response
@@ -142,8 +139,6 @@ class AiohttpTransport:
         headers: RawHeaders,
         body: AsyncIterable[bytes] | None,
         timeouts: TimeoutsConfig,
-        *,
-        pool: str,
     ) -> AiohttpResponse:
         url = URL(backend.origin + backend.base_path + target, encoded=True)
         str_headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
@@ -158,16 +153,14 @@ class AiohttpTransport:
                 timeout=self._timeout(timeouts),
             )
         except AIOHTTP_ERRORS as exc:
-            raise translate_error(exc, pool) from exc
+            raise translate_error(exc) from exc
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if watch is None or not watch.fired or task is None:
                 raise
             task.uncancel()
-            raise UpstreamTimeout(
-                "upstream did not read the request body in time", pool=pool
-            ) from None
-        return AiohttpResponse(response, pool)
+            raise UpstreamTimeout.writing() from None
+        return AiohttpResponse(response)
 
     async def aclose(self) -> None:
         if self._session is not None:

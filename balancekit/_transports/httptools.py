@@ -116,9 +116,9 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._fail(UpstreamProtocolError("upstream switched protocols unasked", pool=""))
+            self._fail(UpstreamProtocolError("upstream switched protocols unasked"))
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamProtocolError(f"upstream sent a malformed response: {exc}", pool=""))
+            self._fail(UpstreamProtocolError(f"upstream sent a malformed response: {exc}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -129,7 +129,7 @@ class _Connection(asyncio.Protocol):
                 self.complete = True  # a body delimited by the connection's end
                 self._wake()
             else:
-                self._fail(UpstreamError("upstream closed the connection", pool=""))
+                self._fail(UpstreamError.closed())
         if self._drained is not None and not self._drained.done():
             self._drained.set_exception(ConnectionResetError("upstream closed the connection"))
 
@@ -158,7 +158,7 @@ class _Connection(asyncio.Protocol):
             return
         status = self.parser.get_status_code()
         if status < 100:  # three digits, but no status class (found by fuzzing)
-            self._fail(UpstreamProtocolError(f"upstream sent status {status:03d}", pool=""))
+            self._fail(UpstreamProtocolError(f"upstream sent status {status:03d}"))
             return
         if 100 <= status < 200 and status != 101:
             self.headers = []  # an interim answer (100 Continue): the real one follows
@@ -237,22 +237,20 @@ class _Connection(asyncio.Protocol):
 
     def timed_out(self) -> None:
         """The read timeout's timer: fail whoever waits, and drop the connection."""
-        self._fail(UpstreamTimeout("upstream timed out", pool=""))
+        self._fail(UpstreamTimeout())
 
 
 class HttptoolsResponse:
-    __slots__ = ("_conn", "_head_request", "_pool", "_pooled", "_read_timeout", "headers", "status")
+    __slots__ = ("_conn", "_head_request", "_pooled", "_read_timeout", "headers", "status")
 
     def __init__(
         self,
         conn: _Connection,
-        pool: str,
         read_timeout: float,
         pooled: collections.deque[_Connection],
         head_request: bool,
     ) -> None:
         self._conn = conn
-        self._pool = pool
         self._read_timeout = read_timeout
         self._pooled = pooled
         self._head_request = head_request
@@ -274,7 +272,7 @@ class HttptoolsResponse:
             if conn.complete:
                 return b""
             if conn.error is not None:
-                raise _as_proxy_error(conn.error, self._pool)
+                raise _as_proxy_error(conn.error)
             # One timer per wait, not wait_for's task and callbacks.
             conn.waiter = conn.loop.create_future()
             timer = conn.loop.call_later(self._read_timeout, conn.timed_out)
@@ -302,11 +300,8 @@ class HttptoolsResponse:
             conn.close()
 
 
-def _as_proxy_error(error: BaseException, pool: str) -> ProxyError:
-    if isinstance(error, ProxyError):
-        error.pool = pool
-        return error
-    return UpstreamError("upstream connection failed", pool=pool)
+def _as_proxy_error(error: BaseException) -> ProxyError:
+    return error if isinstance(error, ProxyError) else UpstreamError()
 
 
 class HttptoolsTransport:
@@ -330,7 +325,7 @@ class HttptoolsTransport:
             conn.close()
         return None, pooled
 
-    async def _connect(self, backend: Backend, timeouts: TimeoutsConfig, pool: str) -> _Connection:
+    async def _connect(self, backend: Backend, timeouts: TimeoutsConfig) -> _Connection:
         loop = asyncio.get_running_loop()
         tls = backend.scheme == "https"
         if tls and self._tls is None:
@@ -345,11 +340,9 @@ class HttptoolsTransport:
                     server_hostname=backend.host if tls else None,
                 )
         except TimeoutError:
-            raise UpstreamTimeout(
-                "upstream did not accept the connection in time", pool=pool, request_sent=False
-            ) from None
+            raise UpstreamTimeout.connecting() from None
         except (OSError, ssl.SSLError) as exc:
-            raise UpstreamConnectError("upstream refused the connection", pool=pool) from exc
+            raise UpstreamConnectError() from exc
         return conn
 
     async def send(
@@ -360,8 +353,6 @@ class HttptoolsTransport:
         headers: RawHeaders,
         body: AsyncIterable[bytes] | None,
         timeouts: TimeoutsConfig,
-        *,
-        pool: str,
     ) -> HttptoolsResponse:
         key = (backend.host, backend.port, backend.scheme == "https")
         conn, pooled = self._checkout(key)
@@ -372,7 +363,7 @@ class HttptoolsTransport:
         sent_body = written = False
         for _ in range(2):
             if conn is None:
-                conn = await self._connect(backend, timeouts, pool)
+                conn = await self._connect(backend, timeouts)
             try:
                 conn.start()
                 transport = conn.transport
@@ -386,15 +377,10 @@ class HttptoolsTransport:
                 if body is None:  # the usual case: one write, no coroutine
                     transport.write(head)
                 else:
-                    sent_body = await self._write(
-                        conn, transport, head, body, headers, timeouts, pool
-                    )
+                    sent_body = await self._write(conn, transport, head, body, headers, timeouts)
                 timer = conn.loop.call_later(timeouts.read, conn.timed_out)
                 try:
                     await conn.head
-                except ProxyError as exc:
-                    exc.pool = pool
-                    raise
                 finally:
                     timer.cancel()
             except _Stale:
@@ -404,14 +390,14 @@ class HttptoolsTransport:
                 # the backend may have the request (RFC 9110 section 9.2.2):
                 # only an idempotent one whose body was not consumed.
                 if written and (sent_body or method_raw not in _IDEMPOTENT):
-                    raise UpstreamError("upstream closed the connection", pool=pool) from None
+                    raise UpstreamError.closed() from None
                 conn = None
                 continue
             except BaseException:
                 conn.close()
                 raise
-            return HttptoolsResponse(conn, pool, timeouts.read, pooled, method_raw == b"HEAD")
-        raise UpstreamError("upstream closed the connection", pool=pool)
+            return HttptoolsResponse(conn, timeouts.read, pooled, method_raw == b"HEAD")
+        raise UpstreamError.closed()
 
     async def _write(
         self,
@@ -421,7 +407,6 @@ class HttptoolsTransport:
         body: AsyncIterable[bytes],
         headers: RawHeaders,
         timeouts: TimeoutsConfig,
-        pool: str,
     ) -> bool:
         """Send ``head`` and stream ``body`` after it; whether any body was read."""
         chunked = not any(name == b"content-length" for name, _ in headers)
@@ -450,12 +435,10 @@ class HttptoolsTransport:
                     transport.write(end)
         except TimeoutError:
             conn.close()
-            raise UpstreamTimeout(
-                "upstream did not read the request body in time", pool=pool
-            ) from None
+            raise UpstreamTimeout.writing() from None
         except ConnectionResetError as exc:
             if conn.error is not None and not conn.head.done():
-                raise _as_proxy_error(conn.error, pool) from exc
+                raise _as_proxy_error(conn.error) from exc
         return started
 
     async def aclose(self) -> None:

@@ -25,27 +25,24 @@ if TYPE_CHECKING:
 HTTPX_ERRORS = (httpx.TransportError, httpx.StreamError, httpx.DecodingError, OSError)
 
 
-def translate_error(exc: BaseException, pool: str) -> ProxyError:
+def translate_error(exc: BaseException) -> ProxyError:
     """The most specific balancekit error for one of httpx's."""
     if isinstance(exc, httpx.ConnectTimeout):
-        return UpstreamTimeout(
-            "upstream did not accept the connection in time", pool=pool, request_sent=False
-        )
+        return UpstreamTimeout.connecting()
     if isinstance(exc, httpx.TimeoutException):
-        return UpstreamTimeout("upstream timed out", pool=pool)
+        return UpstreamTimeout()
     if isinstance(exc, httpx.ConnectError):
-        return UpstreamConnectError("upstream refused the connection", pool=pool)
+        return UpstreamConnectError()
     if isinstance(exc, httpx.RemoteProtocolError | httpx.DecodingError):
-        return UpstreamProtocolError("upstream sent a malformed response", pool=pool)
-    return UpstreamError("upstream connection failed", pool=pool)
+        return UpstreamProtocolError()
+    return UpstreamError()
 
 
 class HttpxResponse:
-    __slots__ = ("_chunks", "_pool", "_response", "headers", "status")
+    __slots__ = ("_chunks", "_response", "headers", "status")
 
-    def __init__(self, response: httpx.Response, pool: str) -> None:
+    def __init__(self, response: httpx.Response) -> None:
         self._response = response
-        self._pool = pool
         self._chunks = response.aiter_raw()
         self.status = response.status_code
         self.headers: RawHeaders = list(response.headers.raw)
@@ -54,7 +51,7 @@ class HttpxResponse:
         try:
             return await anext(self._chunks, b"")
         except HTTPX_ERRORS as exc:
-            raise translate_error(exc, self._pool) from exc
+            raise translate_error(exc) from exc
 
     async def aclose(self) -> None:
         connection = _h11_connection(self._response)
@@ -81,11 +78,10 @@ def _h11_connection(response: httpx.Response) -> Any:
 
 
 class HttpxSyncResponse:
-    __slots__ = ("_chunks", "_pool", "_response", "headers", "status")
+    __slots__ = ("_chunks", "_response", "headers", "status")
 
-    def __init__(self, response: httpx.Response, pool: str) -> None:
+    def __init__(self, response: httpx.Response) -> None:
         self._response = response
-        self._pool = pool
         self._chunks = response.iter_raw()
         self.status = response.status_code
         self.headers: RawHeaders = list(response.headers.raw)
@@ -94,7 +90,7 @@ class HttpxSyncResponse:
         try:
             return next(self._chunks, b"")
         except HTTPX_ERRORS as exc:
-            raise translate_error(exc, self._pool) from exc
+            raise translate_error(exc) from exc
 
     def close(self) -> None:
         connection = _h11_connection(self._response)
@@ -162,15 +158,13 @@ class HttpxSyncTransport(_Timeouts):
         headers: RawHeaders,
         body: Iterable[bytes] | None,
         timeouts: TimeoutsConfig,
-        *,
-        pool: str,
     ) -> HttpxSyncResponse:
         request = self._request(backend, method, target, headers, body, timeouts)
         try:
             response = self.client.send(request, stream=True)
         except HTTPX_ERRORS as exc:
-            raise translate_error(exc, pool) from exc
-        return HttpxSyncResponse(response, pool)
+            raise translate_error(exc) from exc
+        return HttpxSyncResponse(response)
 
     def close(self) -> None:
         self.client.close()
@@ -196,15 +190,13 @@ class HttpxTransport(_Timeouts):
         headers: RawHeaders,
         body: AsyncIterable[bytes] | None,
         timeouts: TimeoutsConfig,
-        *,
-        pool: str,
     ) -> HttpxResponse:
         request = self._request(backend, method, target, headers, body, timeouts)
         try:
             response = await self.client().send(request, stream=True)
         except HTTPX_ERRORS as exc:
-            raise translate_error(exc, pool) from exc
-        return HttpxResponse(response, pool)
+            raise translate_error(exc) from exc
+        return HttpxResponse(response)
 
     async def aclose(self) -> None:
         if self._client is not None:

@@ -47,26 +47,24 @@ KEEPALIVE_CONNECTIONS = 100
 URLLIB3_ERRORS = (HTTPError, OSError)
 
 
-def translate_error(exc: BaseException, pool: str) -> ProxyError:
+def translate_error(exc: BaseException) -> ProxyError:
     """The most specific balancekit error for one of urllib3's."""
     # NewConnectionError subclasses ConnectTimeoutError: test it first.
     if isinstance(exc, NewConnectionError):
-        return UpstreamConnectError("upstream refused the connection", pool=pool)
+        return UpstreamConnectError()
     if isinstance(exc, ConnectTimeoutError):
-        return UpstreamTimeout(
-            "upstream did not accept the connection in time", pool=pool, request_sent=False
-        )
+        return UpstreamTimeout.connecting()
     if isinstance(exc, ReadTimeoutError | TimeoutError):
-        return UpstreamTimeout("upstream timed out", pool=pool)
+        return UpstreamTimeout()
     if isinstance(exc, ProtocolError | DecodeError):
         # ProtocolError("Connection aborted.", cause): a reset is no
         # malformation, and a write that timed out is a timeout.
         cause = exc.args[1] if len(exc.args) > 1 else None
         if isinstance(cause, TimeoutError):
-            return UpstreamTimeout("upstream timed out", pool=pool)
+            return UpstreamTimeout()
         if not isinstance(cause, OSError):
-            return UpstreamProtocolError("upstream sent a malformed response", pool=pool)
-    return UpstreamError("upstream connection failed", pool=pool)
+            return UpstreamProtocolError()
+    return UpstreamError()
 
 
 class _WriteTimeout:
@@ -115,11 +113,10 @@ def _checked_headers(response: urllib3.BaseHTTPResponse) -> RawHeaders:
 
 
 class Urllib3Response:
-    __slots__ = ("_pool", "_response", "done", "headers", "status")
+    __slots__ = ("_response", "done", "headers", "status")
 
-    def __init__(self, response: urllib3.BaseHTTPResponse, pool: str) -> None:
+    def __init__(self, response: urllib3.BaseHTTPResponse) -> None:
         self._response = response
-        self._pool = pool
         self.status = response.status
         self.headers = _checked_headers(response)
         self.done = False
@@ -128,7 +125,7 @@ class Urllib3Response:
         try:
             chunk = self._response.read1(READ_SIZE)
         except URLLIB3_ERRORS as exc:
-            raise translate_error(exc, self._pool) from exc
+            raise translate_error(exc) from exc
         if not chunk:
             self.done = True
         return chunk
@@ -187,8 +184,6 @@ class Urllib3Transport:
         headers: RawHeaders,
         body: Iterable[bytes] | None,
         timeouts: TimeoutsConfig,
-        *,
-        pool: str,
     ) -> Urllib3Response:
         fields = urllib3.HTTPHeaderDict()
         chunked = body is not None
@@ -216,13 +211,13 @@ class Urllib3Transport:
                 chunked=chunked,
             )
         except URLLIB3_ERRORS as exc:
-            raise translate_error(exc, pool) from exc
+            raise translate_error(exc) from exc
         try:
-            return Urllib3Response(response, pool)
+            return Urllib3Response(response)
         except ValueError as exc:
             response.close()  # what else it sent cannot be trusted either
             response.release_conn()
-            raise UpstreamProtocolError("upstream sent a malformed response", pool=pool) from exc
+            raise UpstreamProtocolError() from exc
 
     def close(self) -> None:
         with self._lock:

@@ -83,7 +83,7 @@ class HTTPHealthCheck:
         try:
             async with asyncio.timeout(self.timeout):
                 response = await self._transport.send(
-                    backend, self.method, self.path, headers, None, self._timeouts, pool=""
+                    backend, self.method, self.path, headers, None, self._timeouts
                 )
                 try:
                     return await self._judge(response)

@@ -75,6 +75,9 @@ class GuardedStore:
                 self._backoff = 0.0
             logger.warning("store %s is back", _safe_url(self.url))
 
+    # A store is a plugin: whatever it raises (StoreError from the built-in
+    # ones) is an outage to ride out, never a failed request.
+
     def get(self, key: str, *, ttl: float | None = None) -> Any:
         if not self._available():
             return None

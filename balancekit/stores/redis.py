@@ -9,9 +9,13 @@ treated as down (see ``GuardedStore``), never waited on by a request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import weakref
+from collections.abc import Iterator
 from typing import Any
+
+from .._exceptions import StoreError
 
 #: Seconds a store operation may take before it counts as a failure.
 SOCKET_TIMEOUT = 0.5
@@ -37,6 +41,7 @@ class RedisStore:
         except ValueError as exc:
             raise ValueError(f"not a usable Redis URL {url!r}: {exc}") from None
         self._async_module = redis.asyncio
+        self._redis_error = redis.RedisError
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
             weakref.WeakKeyDictionary()
         )
@@ -62,18 +67,30 @@ class RedisStore:
                 )
         return client
 
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """redis-py's errors (and the socket's) as :class:`StoreError`, the
+        password kept out of the message."""
+        try:
+            yield
+        except (self._redis_error, OSError) as exc:
+            raise StoreError(f"{self}: {exc}") from exc
+
     # --- sync ------------------------------------------------------------------
 
     def get(self, key: str, *, ttl: float | None = None) -> str | None:
         sync = self._sync
-        value = sync.get(key) if ttl is None else sync.getex(key, px=int(ttl * 1000))
+        with self._errors():
+            value = sync.get(key) if ttl is None else sync.getex(key, px=int(ttl * 1000))
         return value if isinstance(value, str) else None  # decode_responses: str
 
     def set(self, key: str, value: str, *, ttl: float) -> None:
-        self._sync.set(key, value, px=int(ttl * 1000))
+        with self._errors():
+            self._sync.set(key, value, px=int(ttl * 1000))
 
     def delete(self, key: str) -> None:
-        self._sync.delete(key)
+        with self._errors():
+            self._sync.delete(key)
 
     def close(self) -> None:
         self._sync.close()
@@ -82,15 +99,18 @@ class RedisStore:
 
     async def aget(self, key: str, *, ttl: float | None = None) -> str | None:
         client = self.async_client()
-        if ttl is None:
-            return await client.get(key)  # type: ignore[no-any-return]
-        return await client.getex(key, px=int(ttl * 1000))  # type: ignore[no-any-return]
+        with self._errors():
+            if ttl is None:
+                return await client.get(key)  # type: ignore[no-any-return]
+            return await client.getex(key, px=int(ttl * 1000))  # type: ignore[no-any-return]
 
     async def aset(self, key: str, value: str, *, ttl: float) -> None:
-        await self.async_client().set(key, value, px=int(ttl * 1000))
+        with self._errors():
+            await self.async_client().set(key, value, px=int(ttl * 1000))
 
     async def adelete(self, key: str) -> None:
-        await self.async_client().delete(key)
+        with self._errors():
+            await self.async_client().delete(key)
 
     async def aclose(self) -> None:
         loop = asyncio.get_running_loop()
