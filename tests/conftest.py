@@ -222,8 +222,8 @@ def transport(request: pytest.FixtureRequest) -> str:
 ENGINES = ["aiohttp", "httpx", "httptools", "lean", "wsgi", "wsgi-httpx"]
 
 
-def asgi_only(transport: str, why: str) -> None:
-    if transport.startswith("wsgi"):
+def asgi_only(engine: str, why: str) -> None:
+    if engine.startswith("wsgi"):
         pytest.skip(f"ASGI only: {why}")
 
 

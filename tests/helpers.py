@@ -37,7 +37,7 @@ def balanced(
     serve: Callable[..., Any],
     urls: list[Any],
     *,
-    transport: str = "aiohttp",
+    engine: str = "aiohttp",
     prefix: str = "/api/",
     strip_prefix: bool = False,
     pool: dict[str, Any] | None = None,
@@ -45,14 +45,17 @@ def balanced(
 ) -> tuple[Any, Balancer]:
     """A balancer serving ``urls`` on ``prefix``, in front of app_fallback.
 
-    ``transport`` "wsgi" or "wsgi-httpx" puts the WSGI middleware in front of
-    a WSGI app_fallback instead, with the sync engine's default client or httpx;
-    "lean" serves the middleware on ``balancekit serve``'s own server.
+    ``engine`` names how requests are proxied: an async transport ("aiohttp",
+    "httpx", "httptools") under the ASGI middleware and uvicorn; "wsgi" or
+    "wsgi-httpx", the WSGI middleware in front of a WSGI app_fallback, with
+    the sync engine's default client or httpx; "lean", the ASGI middleware
+    on ``balancekit serve``'s own server.
     """
-    wsgi = transport.startswith("wsgi")
-    lean = transport == "lean"
+    wsgi = engine.startswith("wsgi")
+    lean = engine == "lean"
+    transport = engine
     if wsgi:
-        transport = "httpx" if transport.endswith("httpx") else "aiohttp"
+        transport = "httpx" if engine.endswith("httpx") else "aiohttp"
     elif lean:
         transport = "httptools"
     config = {

@@ -84,9 +84,14 @@ def test_weighted_round_robin_shares_follow_weights() -> None:
 
 def test_random_honours_an_injected_rng_and_is_uniform() -> None:
     pool = backends(5, 1, 1)
-    first = [Random(rng=random.Random(7)).pick(pool, REQUEST) for _ in range(1)]
-    again = [Random(rng=random.Random(7)).pick(pool, REQUEST) for _ in range(1)]
-    assert first == again
+
+    def picks(seed: int) -> list[str]:
+        algorithm = Random(rng=random.Random(seed))
+        return [algorithm.pick(pool, REQUEST).url for _ in range(50)]
+
+    # 50 picks of 3: equal by chance once in 3**50 if the rng were ignored.
+    assert picks(7) == picks(7)
+    assert picks(7) != picks(8)
     algorithm = Random(rng=random.Random(1))
     counts = Counter(algorithm.pick(pool, REQUEST).url for _ in range(30000))
     for backend in pool:

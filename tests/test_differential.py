@@ -387,9 +387,7 @@ def run_case(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     # No retries: a retried failure would show the backend twice as many
     # requests on one transport that detects the failure differently.
-    server, _ = balanced(
-        serve, [backend.url], transport=transport, pool={"retries": {"attempts": 1}}
-    )
+    server, _ = balanced(serve, [backend.url], engine=transport, pool={"retries": {"attempts": 1}})
     backend.seen.clear()
     answer = exchange(server.port, CLIENTS[case]())
     deadline = time.monotonic() + 2

@@ -64,7 +64,7 @@ def run(serve: Callable[..., Any], engine: str, urls: list[str], **pool: Any) ->
     return balanced(
         serve,
         urls,
-        transport=engine,
+        engine=engine,
         strip_prefix=True,
         pool={"algorithm": "round_robin", **pool},
         status={"enabled": True},

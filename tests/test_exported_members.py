@@ -5,6 +5,7 @@ import inspect
 
 import balancekit
 import balancekit.asgi
+from tests.helpers import app_fallback, wsgi_fallback
 
 
 def test_all_lists_exactly_the_public_names() -> None:
@@ -23,5 +24,15 @@ def test_contract_names() -> None:
     for name in ("Balancer", "ConfigError", "hookimpl", "Algorithm", "Backend", "__version__"):
         assert name in balancekit.__all__
         assert getattr(balancekit, name) is not None
-    assert balancekit.asgi.BalanceMiddleware.__name__ == "BalanceMiddleware"
     assert balancekit.__version__.count(".") >= 1
+
+
+def test_the_contract_middlewares_are_the_asgi_and_wsgi_kinds() -> None:
+    import balancekit.wsgi
+
+    config = {"pools": {"api": {"backends": ["http://127.0.0.1:9"]}}}
+    asgi = balancekit.asgi.BalanceMiddleware(app_fallback, config=config)
+    wsgi = balancekit.wsgi.BalanceMiddleware(wsgi_fallback, config=config)
+    assert inspect.iscoroutinefunction(asgi.__call__)
+    assert not inspect.iscoroutinefunction(wsgi.__call__)
+    assert list(asgi.balancer.pools) == list(wsgi.balancer.pools) == ["api"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from typing import Any
 
@@ -13,7 +14,7 @@ from balancekit import Backend, Balancer
 from balancekit.asgi import BalanceMiddleware
 from balancekit.health.http import HTTPHealthCheck
 from tests.helpers import app_fallback
-from tests.upstreams import make_echo_app
+from tests.upstreams import SocketServer, make_echo_app
 
 
 class Switchable:
@@ -96,16 +97,42 @@ def test_unhealthy_backend_leaves_and_returns(serve, lifespan) -> None:
             asyncio.run_coroutine_threadsafe(balancer.aclose(), loop).result(5)
 
 
-def test_checks_stop_with_the_server(serve) -> None:
-    a = serve(switchable("a"))
-    balancer = Balancer(
-        {"pools": {"api": {"backends": [a.url], "health_check": {"type": "tcp", "interval": 0.05}}}}
-    )
-    server = serve(BalanceMiddleware(app_fallback, balancer=balancer), lifespan="on")
-    time.sleep(0.2)
-    assert balancer._schedulers
-    server.stop()
-    assert not any(balancer._schedulers.values())
+class ConnectionCounter(SocketServer):
+    """Accepts and closes: each TCP health probe is one connection."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        super().__init__()
+
+    def handle(self, conn: socket.socket) -> None:
+        self.connections += 1
+
+
+def test_aclose_stops_the_checks_in_a_loop_that_goes_on() -> None:
+    # The loop keeps running after aclose(), so only a stop that really
+    # cancels the probing tasks passes (a closed loop would end them anyway).
+    counter = ConnectionCounter()
+    config = {"backends": [counter.url], "health_check": {"type": "tcp", "interval": 0.05}}
+
+    async def main() -> tuple[int, int]:
+        balancer = Balancer({"pools": {"api": config}})
+        await balancer.astart()
+        deadline = time.monotonic() + 5
+        # The counter moves in the server's threads: polled, as nothing to await.
+        while counter.connections < 3 and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)  # probing, every 50 ms
+        await balancer.aclose()
+        await asyncio.sleep(0.15)  # a probe sent just before is counted by now
+        stopped = counter.connections
+        await asyncio.sleep(0.3)  # six intervals: checks still running would probe
+        return stopped, counter.connections
+
+    try:
+        stopped, later = asyncio.run(main())
+    finally:
+        counter.close()
+    assert stopped >= 3
+    assert later == stopped
 
 
 def test_http_check_expects_body_text_status_and_sends_headers(serve) -> None:

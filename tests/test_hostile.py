@@ -3,7 +3,7 @@
 Every hostile request is answered 4xx (or the connection is closed), nothing
 smuggled ever reaches an upstream, and the same server goes on proxying.
 Every broken upstream is a 502 problem (or a visibly cut response), the
-same on every transport, with the pool's counters settled afterwards.
+same on every engine, with the pool's counters settled afterwards.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from balancekit._types import Message
 from balancekit.asgi import BalanceMiddleware
 from tests.conftest import ENGINES, ServerThread, asgi_only
 from tests.helpers import app_fallback, balanced
-from tests.upstreams import SocketServer, make_echo_app
+from tests.upstreams import ScriptedUpstream, make_echo_app
 
 QUIET = 1.0  # seconds of silence after which a reply is taken as complete
 SMUGGLED = b"GET /api/smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -30,7 +30,7 @@ HEAD = b"POST /api/x HTTP/1.1\r\nHost: x\r\n"
 
 
 @pytest.fixture(params=ENGINES)
-def transport(request: pytest.FixtureRequest) -> str:
+def engine(request: pytest.FixtureRequest) -> str:
     """Here every test runs on the WSGI engine too."""
     return str(request.param)
 
@@ -310,7 +310,7 @@ HOSTILE = [
 def test_hostile_request_is_refused_and_nothing_reaches_an_upstream(
     start, echo, front, raw: bytes
 ) -> None:
-    server, balancer = balanced(start, [echo.url], transport=front)
+    server, balancer = balanced(start, [echo.url], engine=front)
     reply, closed = exchange(server.port, raw)
     assert_refused(reply, closed)
     assert b"127.0.0.1" not in reply
@@ -332,7 +332,7 @@ def test_a_valid_chunked_body_is_one_request_and_its_content_stays_body(
     start, echo, front, te: bytes
 ) -> None:
     # SMUGGLED travels inside a chunk: it is body, and must arrive as body.
-    server, balancer = balanced(start, [echo.url], transport=front)
+    server, balancer = balanced(start, [echo.url], engine=front)
     body = chunk(SMUGGLED) + b"0\r\n\r\n"
     reply, closed = exchange(
         server.port,
@@ -445,7 +445,7 @@ def test_absolute_form_target_is_refused_or_stays_on_our_backends(start, upstrea
 def test_other_target_forms_never_reach_an_upstream(
     start, echo, front, request_line: bytes
 ) -> None:
-    server, _ = balanced(start, [echo.url], transport=front)
+    server, _ = balanced(start, [echo.url], engine=front)
     reply, _ = exchange(
         server.port, request_line + b"\r\nHost: evil.example\r\nConnection: close\r\n\r\n"
     )
@@ -472,7 +472,7 @@ def test_other_target_forms_never_reach_an_upstream(
     ],
 )
 def test_paths_above_the_root_are_400_and_never_forwarded(start, echo, front, path: bytes) -> None:
-    server, balancer = balanced(start, [echo.url], transport=front)
+    server, balancer = balanced(start, [echo.url], engine=front)
     reply = get(server.port, path)
     assert status_of(reply) == 400, reply[:300]
     headers, _ = split(reply)
@@ -494,7 +494,7 @@ def test_paths_above_the_root_are_400_and_never_forwarded(start, echo, front, pa
 def test_dot_segments_inside_the_root_are_resolved_before_forwarding(
     start, echo, front, path: bytes, expected: str
 ) -> None:
-    server, _ = balanced(start, [echo.url], transport=front)
+    server, _ = balanced(start, [echo.url], engine=front)
     reply = assert_alive(server, path)
     echoed = json.loads(split(reply)[1])
     assert (echoed["path"], echoed["raw_path"]) == (expected, expected)
@@ -503,7 +503,7 @@ def test_dot_segments_inside_the_root_are_resolved_before_forwarding(
 
 def test_dot_segments_cannot_leave_the_route(start, echo, front) -> None:
     # /api/../x resolves to /x: the wrapped app's, never the pool's
-    server, _ = balanced(start, [echo.url], transport=front)
+    server, _ = balanced(start, [echo.url], engine=front)
     reply = get(server.port, b"/api/../x")
     assert status_of(reply) == 200
     assert split(reply)[1] == b"app"
@@ -513,22 +513,22 @@ def test_dot_segments_cannot_leave_the_route(start, echo, front) -> None:
 # --- misbehaving upstreams ----------------------------------------------------------
 
 
-def balanced_bad_first(serve, bad, good, transport: str, **pool: Any):
+def balanced_bad_first(serve, bad, good, engine: str, **pool: Any):
     """The bad backend first in line (no retry), the good one behind it."""
     return balanced(
         serve,
         [bad.url, good.url],
-        transport=transport,
+        engine=engine,
         pool={"algorithm": "first", "retries": {"attempts": 1}, **pool},
     )
 
 
 @pytest.mark.parametrize("mode", ["garbage", "reset", "close"])
 def test_a_broken_upstream_is_a_502_problem_naming_only_the_pool(
-    start, echo, raw_server, transport, mode: str
+    start, echo, raw_server, engine, mode: str
 ) -> None:
     bad = raw_server(mode)
-    server, balancer = balanced_bad_first(start, bad, echo, transport)
+    server, balancer = balanced_bad_first(start, bad, echo, engine)
     for request in (
         b"GET /api/x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
         b"POST /api/x HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nConnection: close\r\n\r\nbody",
@@ -551,10 +551,10 @@ def test_a_broken_upstream_is_a_502_problem_naming_only_the_pool(
 
 
 def test_a_truncated_upstream_response_is_cut_for_the_client_too(
-    start, echo, raw_server, transport
+    start, echo, raw_server, engine
 ) -> None:
     bad = raw_server("truncated")
-    server, balancer = balanced_bad_first(start, bad, echo, transport)
+    server, balancer = balanced_bad_first(start, bad, echo, engine)
     reply, closed = exchange(
         server.port, b"GET /api/x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n", quiet=5
     )
@@ -577,14 +577,14 @@ def test_a_truncated_upstream_response_is_cut_for_the_client_too(
 
 
 def test_after_a_garbage_answer_the_pool_goes_on_serving_over_one_client_connection(
-    start, echo, raw_server, transport
+    start, echo, raw_server, engine
 ) -> None:
-    asgi_only(transport, "werkzeug closes every client connection after one response")
+    asgi_only(engine, "werkzeug closes every client connection after one response")
     bad = raw_server("garbage")
     server, balancer = balanced(
         start,
         [bad.url, echo.url],
-        transport=transport,
+        engine=engine,
         pool={"retries": {"attempts": 1}},
     )
     request = b"GET /api/x HTTP/1.1\r\nHost: t\r\n\r\n"
@@ -609,10 +609,10 @@ def test_after_a_garbage_answer_the_pool_goes_on_serving_over_one_client_connect
 
 
 def test_a_garbage_answer_to_a_get_is_retried_on_the_healthy_backend(
-    start, echo, raw_server, transport
+    start, echo, raw_server, engine
 ) -> None:
     bad = raw_server("garbage")
-    server, balancer = balanced(start, [bad.url, echo.url], transport=transport)
+    server, balancer = balanced(start, [bad.url, echo.url], engine=engine)
     for _ in range(4):
         reply = assert_alive(server)
         assert json.loads(split(reply)[1])["backend"] == "a"
@@ -621,34 +621,6 @@ def test_a_garbage_answer_to_a_get_is_retried_on_the_healthy_backend(
 
 
 # --- upstreams that answer what no HTTP server should ---------------------------------
-
-
-class ScriptedUpstream(SocketServer):
-    """Answers every request (read up to its blank line) with ``response``.
-
-    ``keep_open``: the connection stays open for the next request, as a
-    keep-alive server's would; otherwise it is closed after each answer.
-    """
-
-    def __init__(self, response: bytes, *, keep_open: bool = False) -> None:
-        self.response = response
-        self.keep_open = keep_open
-        self.requests = 0
-        super().__init__()
-
-    def handle(self, conn: socket.socket) -> None:
-        data = b""
-        for got in self.chunks(conn):
-            data += got
-            while b"\r\n\r\n" in data:
-                _, _, data = data.partition(b"\r\n\r\n")
-                self.requests += 1
-                try:
-                    conn.sendall(self.response)
-                except OSError:
-                    return
-                if not self.keep_open:
-                    return
 
 
 @pytest.fixture
@@ -713,10 +685,10 @@ MALFORMED = [
 
 @pytest.mark.parametrize(("response", "acceptable"), MALFORMED)
 def test_a_malformed_upstream_response_is_a_502_on_every_transport(
-    start, echo, scripted, transport, response: bytes, acceptable: bytes | None
+    start, echo, scripted, engine, response: bytes, acceptable: bytes | None
 ) -> None:
     bad = scripted(response)
-    server, balancer = balanced_bad_first(start, bad, echo, transport)
+    server, balancer = balanced_bad_first(start, bad, echo, engine)
     reply, closed = exchange(
         server.port, b"GET /api/x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n", quiet=5
     )
@@ -736,14 +708,14 @@ def test_a_malformed_upstream_response_is_a_502_on_every_transport(
 
 
 def test_extra_bytes_from_an_upstream_never_answer_the_next_request(
-    start, scripted, transport
+    start, scripted, engine
 ) -> None:
     # One response, then a second nobody asked for, on a kept-alive
     # connection: reusing that connection would hand the stale response to
     # the next request (response queue poisoning, across clients).
     extra = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nX-Poison: 1\r\n\r\npoisoned"
     upstream = scripted(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" + extra, keep_open=True)
-    server, balancer = balanced(start, [upstream.url], transport=transport)
+    server, balancer = balanced(start, [upstream.url], engine=engine)
     for _ in range(4):
         reply = get(server.port)
         assert b"poisoned" not in reply and b"x-poison" not in reply.lower(), reply
@@ -759,7 +731,7 @@ def test_extra_bytes_from_an_upstream_never_answer_the_next_request(
 def test_an_unrouted_path_that_is_not_utf8_reaches_the_app_untouched(start, echo, front) -> None:
     # CONTRACT section 2: requests that match no route go to the wrapped
     # application untouched; only routed ones are the balancer's business.
-    server, _ = balanced(start, [echo.url], transport=front)
+    server, _ = balanced(start, [echo.url], engine=front)
     reply = get(server.port, b"/files/%ff%fe")
     assert status_of(reply) == 200, reply[:400]
     assert split(reply)[1] == b"app"
@@ -778,7 +750,7 @@ def test_a_routed_path_that_is_not_utf8_is_refused_or_forwarded_as_sent(
 ) -> None:
     # overlong UTF-8 dots are dots to some backends: if forwarded at all,
     # the bytes go upstream exactly as sent, never decoded into "..".
-    server, balancer = balanced(start, [echo.url], transport=front)
+    server, balancer = balanced(start, [echo.url], engine=front)
     reply = get(server.port, path)
     status = status_of(reply)
     if status == 200:

@@ -11,8 +11,7 @@ import httpx
 import pytest
 
 from tests.helpers import balanced
-from tests.test_hostile import ScriptedUpstream
-from tests.upstreams import SocketServer
+from tests.upstreams import ScriptedUpstream, SocketServer
 
 
 class CountingUpstream(SocketServer):
@@ -52,7 +51,7 @@ def scripted() -> Iterator[list[ScriptedUpstream]]:
 
 
 def test_one_upstream_connection_serves_many_requests(serve, counting) -> None:
-    server, balancer = balanced(serve, [counting.url], transport="httptools")
+    server, balancer = balanced(serve, [counting.url], engine="httptools")
     with httpx.Client(base_url=server.url) as client:
         assert [client.get("/api/x").text for _ in range(20)] == ["ok"] * 20
     assert counting.requests == 20
@@ -67,7 +66,7 @@ def test_a_connection_the_backend_closed_is_not_a_failed_request(serve, scripted
     # request is written, so even a POST may go on a fresh one.
     upstream = ScriptedUpstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     scripted.append(upstream)
-    server, balancer = balanced(serve, [upstream.url], transport="httptools")
+    server, balancer = balanced(serve, [upstream.url], engine="httptools")
     with httpx.Client(base_url=server.url) as client:
         answers = [client.request(method, "/api/x") for _ in range(10)]
     assert [(a.status_code, a.text) for a in answers] == [(200, "ok")] * 10
@@ -80,7 +79,7 @@ def test_an_interim_100_continue_is_skipped(serve, scripted) -> None:
         keep_open=True,
     )
     scripted.append(upstream)
-    server, _ = balanced(serve, [upstream.url], transport="httptools")
+    server, _ = balanced(serve, [upstream.url], engine="httptools")
     answer = httpx.post(f"{server.url}/api/x", content=b"data", headers={"expect": "100-continue"})
     assert (answer.status_code, answer.text) == (200, "final"), answer.text
 
@@ -88,14 +87,14 @@ def test_an_interim_100_continue_is_skipped(serve, scripted) -> None:
 def test_a_body_ended_by_close(serve, scripted) -> None:
     upstream = ScriptedUpstream(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end")
     scripted.append(upstream)
-    server, _ = balanced(serve, [upstream.url], transport="httptools")
+    server, _ = balanced(serve, [upstream.url], engine="httptools")
     for _ in range(3):
         answer = httpx.get(f"{server.url}/api/x")
         assert (answer.status_code, answer.text) == (200, "until the end")
 
 
 def test_head_answers_have_no_body_and_do_not_poison_the_connection(serve, counting) -> None:
-    server, _ = balanced(serve, [counting.url], transport="httptools")
+    server, _ = balanced(serve, [counting.url], engine="httptools")
     with httpx.Client(base_url=server.url) as client:
         head = client.head("/api/x")
         assert head.status_code == 200 and head.content == b""
@@ -110,7 +109,7 @@ def test_several_set_cookie_headers_and_odd_header_case(serve, scripted) -> None
         keep_open=True,
     )
     scripted.append(upstream)
-    server, _ = balanced(serve, [upstream.url], transport="httptools")
+    server, _ = balanced(serve, [upstream.url], engine="httptools")
     answer = httpx.get(f"{server.url}/api/x")
     assert answer.headers.get_list("set-cookie") == ["a=1", "b=2"]
     assert answer.headers["x-odd-case"] == "yes"

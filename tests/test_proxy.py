@@ -15,7 +15,7 @@ from tests.upstreams import make_echo_app
 
 
 @pytest.fixture(params=ENGINES)
-def transport(request: pytest.FixtureRequest) -> str:
+def engine(request: pytest.FixtureRequest) -> str:
     """Here every test runs on the WSGI engine too."""
     return str(request.param)
 
@@ -26,8 +26,8 @@ def get_json(url: str, **kwargs) -> dict:
     return response.json()
 
 
-def test_routes_and_passes_the_rest_to_the_app(serve, upstreams, transport) -> None:
-    server, _ = balanced(serve, [upstreams[0].url], transport=transport)
+def test_routes_and_passes_the_rest_to_the_app(serve, upstreams, engine) -> None:
+    server, _ = balanced(serve, [upstreams[0].url], engine=engine)
     echoed = get_json(f"{server.url}/api/users?x=1&y=%20")
     assert (echoed["method"], echoed["path"], echoed["query"]) == ("GET", "/api/users", "x=1&y=%20")
     assert get_json(f"{server.url}/api")["path"] == "/api"
@@ -35,8 +35,8 @@ def test_routes_and_passes_the_rest_to_the_app(serve, upstreams, transport) -> N
     assert (unrouted.status_code, unrouted.text, unrouted.headers["x-app"]) == (200, "app", "1")
 
 
-def test_round_robin_over_real_backends(serve, upstreams, transport) -> None:
-    server, balancer = balanced(serve, [u.url for u in upstreams], transport=transport)
+def test_round_robin_over_real_backends(serve, upstreams, engine) -> None:
+    server, balancer = balanced(serve, [u.url for u in upstreams], engine=engine)
     with httpx.Client() as client:
         seen = [client.get(f"{server.url}/api/x").json()["backend"] for _ in range(9)]
     assert Counter(seen) == {"a": 3, "b": 3, "c": 3}
@@ -45,16 +45,14 @@ def test_round_robin_over_real_backends(serve, upstreams, transport) -> None:
     assert all(b["latency_ewma_ms"] > 0 for b in status)
 
 
-def test_strip_prefix_and_backend_path(serve, upstreams, transport) -> None:
-    server, _ = balanced(
-        serve, [upstreams[0].url + "/base"], transport=transport, strip_prefix=True
-    )
+def test_strip_prefix_and_backend_path(serve, upstreams, engine) -> None:
+    server, _ = balanced(serve, [upstreams[0].url + "/base"], engine=engine, strip_prefix=True)
     assert get_json(f"{server.url}/api/users?x=1")["path"] == "/base/users"
     assert get_json(f"{server.url}/api")["path"] == "/base/"
 
 
-def test_percent_encoding_and_dot_segments(serve, upstreams, transport) -> None:
-    server, _ = balanced(serve, [upstreams[0].url], transport=transport)
+def test_percent_encoding_and_dot_segments(serve, upstreams, engine) -> None:
+    server, _ = balanced(serve, [upstreams[0].url], engine=engine)
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
         sock.sendall(b"GET /api/a%20b/../c%2Fd HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         reply = b""
@@ -64,8 +62,8 @@ def test_percent_encoding_and_dot_segments(serve, upstreams, transport) -> None:
     assert b'"raw_path": "/api/c%2Fd"' in reply
 
 
-def test_request_headers_upstream(serve, upstreams, transport) -> None:
-    server, _ = balanced(serve, [upstreams[0].url], transport=transport)
+def test_request_headers_upstream(serve, upstreams, engine) -> None:
+    server, _ = balanced(serve, [upstreams[0].url], engine=engine)
     echoed = get_json(
         f"{server.url}/api/h",
         headers={
@@ -83,15 +81,15 @@ def test_request_headers_upstream(serve, upstreams, transport) -> None:
     assert headers["x-forwarded-host"] == "public.example:8443"
     assert headers["x-custom"] == "kept"
     assert "x-hop" not in headers
-    assert "user-agent" in headers  # the client's own, not the transport's
+    assert "user-agent" in headers  # the client's own, not the engine's
     assert headers["user-agent"].startswith("python-httpx")
 
 
-def test_preserve_host_and_trusted_proxies(serve, upstreams, transport) -> None:
+def test_preserve_host_and_trusted_proxies(serve, upstreams, engine) -> None:
     server, _ = balanced(
         serve,
         [upstreams[0].url],
-        transport=transport,
+        engine=engine,
         pool={"preserve_host": True},
         trusted_proxies=["127.0.0.0/8"],
     )
@@ -109,15 +107,15 @@ def test_preserve_host_and_trusted_proxies(serve, upstreams, transport) -> None:
     assert headers["x-forwarded-proto"] == "https"
 
 
-def test_set_cookie_headers_are_kept_apart(serve, upstreams, transport) -> None:
-    server, _ = balanced(serve, [upstreams[0].url], transport=transport, prefix="/")
+def test_set_cookie_headers_are_kept_apart(serve, upstreams, engine) -> None:
+    server, _ = balanced(serve, [upstreams[0].url], engine=engine, prefix="/")
     response = httpx.get(f"{server.url}/cookies")
     assert response.headers.get_list("set-cookie") == ["a=1; Path=/", "b=2; Path=/"]
     assert len(response.headers.get_list("date")) == 1
 
 
-def test_post_body_round_trip(serve, upstreams, transport) -> None:
-    server, _ = balanced(serve, [upstreams[0].url], transport=transport)
+def test_post_body_round_trip(serve, upstreams, engine) -> None:
+    server, _ = balanced(serve, [upstreams[0].url], engine=engine)
     payload = bytes(range(256)) * 4000
 
     def chunks():
@@ -133,8 +131,8 @@ def test_post_body_round_trip(serve, upstreams, transport) -> None:
         assert echoed["body_sha256"] == hashlib.sha256(payload).hexdigest()
 
 
-def test_head_and_no_content(serve, upstreams, transport) -> None:
-    server, _ = balanced(serve, [upstreams[0].url], transport=transport, prefix="/")
+def test_head_and_no_content(serve, upstreams, engine) -> None:
+    server, _ = balanced(serve, [upstreams[0].url], engine=engine, prefix="/")
     head = httpx.head(f"{server.url}/big?mb=1")
     assert head.status_code == 200
     assert head.headers["content-length"] == str(1024 * 1024)
@@ -142,8 +140,8 @@ def test_head_and_no_content(serve, upstreams, transport) -> None:
     assert httpx.get(f"{server.url}/status/204").status_code == 204
 
 
-def test_first_chunk_arrives_before_the_backend_finishes(serve, upstreams, transport) -> None:
-    server, _ = balanced(serve, [upstreams[0].url], transport=transport, prefix="/")
+def test_first_chunk_arrives_before_the_backend_finishes(serve, upstreams, engine) -> None:
+    server, _ = balanced(serve, [upstreams[0].url], engine=engine, prefix="/")
     started = time.monotonic()
     arrivals = []
     with httpx.stream("GET", f"{server.url}/stream?chunks=4&delay=0.5", timeout=10) as response:
@@ -155,8 +153,8 @@ def test_first_chunk_arrives_before_the_backend_finishes(serve, upstreams, trans
     assert arrivals[-1][0] >= 1.5
 
 
-def test_upstream_5xx_is_passed_through_and_counted(serve, upstreams, transport) -> None:
-    server, balancer = balanced(serve, [upstreams[0].url], transport=transport, prefix="/")
+def test_upstream_5xx_is_passed_through_and_counted(serve, upstreams, engine) -> None:
+    server, balancer = balanced(serve, [upstreams[0].url], engine=engine, prefix="/")
     response = httpx.get(f"{server.url}/status/503")
     assert response.status_code == 503
     assert response.json() == {"backend": "a"}
@@ -173,16 +171,16 @@ def problem(response: httpx.Response, status: int) -> dict:
     return body
 
 
-def test_refused_upstream_is_502(serve, transport) -> None:
-    server, _ = balanced(serve, [closed_port_url()], transport=transport)
+def test_refused_upstream_is_502(serve, engine) -> None:
+    server, _ = balanced(serve, [closed_port_url()], engine=engine)
     problem(httpx.get(f"{server.url}/api/x"), 502)
 
 
-def test_timeout_is_504(serve, upstreams, transport) -> None:
+def test_timeout_is_504(serve, upstreams, engine) -> None:
     server, balancer = balanced(
         serve,
         [upstreams[0].url],
-        transport=transport,
+        engine=engine,
         prefix="/",
         pool={"timeouts": {"read": 0.3}, "retries": {"attempts": 1}},
     )
@@ -192,17 +190,17 @@ def test_timeout_is_504(serve, upstreams, transport) -> None:
     assert balancer.pools["api"].active_requests == 0
 
 
-def test_no_eligible_backend_is_503_with_retry_after(serve, upstreams, transport) -> None:
-    server, balancer = balanced(serve, [upstreams[0].url], transport=transport)
+def test_no_eligible_backend_is_503_with_retry_after(serve, upstreams, engine) -> None:
+    server, balancer = balanced(serve, [upstreams[0].url], engine=engine)
     balancer.pools["api"].disable(upstreams[0].url)
     response = httpx.get(f"{server.url}/api/x")
     problem(response, 503)
     assert int(response.headers["retry-after"]) > 0
 
 
-def test_get_is_retried_on_another_backend_when_connect_fails(serve, upstreams, transport) -> None:
+def test_get_is_retried_on_another_backend_when_connect_fails(serve, upstreams, engine) -> None:
     dead = closed_port_url()
-    server, balancer = balanced(serve, [dead, upstreams[0].url], transport=transport)
+    server, balancer = balanced(serve, [dead, upstreams[0].url], engine=engine)
     with httpx.Client() as client:
         for _ in range(4):
             assert client.get(f"{server.url}/api/x").json()["backend"] == "a"
@@ -210,9 +208,9 @@ def test_get_is_retried_on_another_backend_when_connect_fails(serve, upstreams, 
     assert balancer.pools["api"].backend(dead).failures_total == 4
 
 
-def test_post_is_never_retried_after_it_was_sent(serve, upstreams, raw_server, transport) -> None:
+def test_post_is_never_retried_after_it_was_sent(serve, upstreams, raw_server, engine) -> None:
     reset = raw_server("reset")
-    server, _ = balanced(serve, [reset.url, upstreams[0].url], transport=transport)
+    server, _ = balanced(serve, [reset.url, upstreams[0].url], engine=engine)
     with httpx.Client() as client:
         # round robin starts on the resetting backend
         response = client.post(f"{server.url}/api/order", content=b"pay once")
@@ -225,9 +223,9 @@ def test_post_is_never_retried_after_it_was_sent(serve, upstreams, raw_server, t
     assert reset.requests == 2
 
 
-def test_no_retry_after_response_bytes(serve, upstreams, raw_server, transport) -> None:
+def test_no_retry_after_response_bytes(serve, upstreams, raw_server, engine) -> None:
     cut = raw_server("truncated")
-    server, balancer = balanced(serve, [cut.url, upstreams[0].url], transport=transport)
+    server, balancer = balanced(serve, [cut.url, upstreams[0].url], engine=engine)
     with pytest.raises(httpx.RemoteProtocolError):
         httpx.get(f"{server.url}/api/x")
     assert upstreams[0].app.seen == []
@@ -238,10 +236,10 @@ def test_no_retry_after_response_bytes(serve, upstreams, raw_server, transport) 
     assert balancer.pools["api"].active_requests == 0
 
 
-def test_client_disconnect_cancels_the_upstream_request(serve, transport) -> None:
-    asgi_only(transport, "a WSGI app cannot notice a client leaving while it waits upstream")
+def test_client_disconnect_cancels_the_upstream_request(serve, engine) -> None:
+    asgi_only(engine, "a WSGI app cannot notice a client leaving while it waits upstream")
     upstream = serve(make_echo_app("slow"))
-    server, balancer = balanced(serve, [upstream.url], transport=transport, prefix="/")
+    server, balancer = balanced(serve, [upstream.url], engine=engine, prefix="/")
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         sock.sendall(b"GET /slow-headers HTTP/1.1\r\nHost: x\r\n\r\n")
         deadline = time.monotonic() + 5
@@ -280,10 +278,10 @@ def test_lifespan_reaches_the_wrapped_app(serve, upstreams) -> None:
     assert events == ["lifespan.startup", "lifespan.shutdown"]
 
 
-def test_an_upstream_that_stops_reading_the_body_is_a_504(serve, raw_server, transport) -> None:
+def test_an_upstream_that_stops_reading_the_body_is_a_504(serve, raw_server, engine) -> None:
     stall = raw_server("stall")
     server, balancer = balanced(
-        serve, [stall.url], transport=transport, pool={"timeouts": {"write": 0.5, "read": 30}}
+        serve, [stall.url], engine=engine, pool={"timeouts": {"write": 0.5, "read": 30}}
     )
 
     def body():

@@ -238,6 +238,34 @@ class SocketServer:
         self.sock.close()
 
 
+class ScriptedUpstream(SocketServer):
+    """Answers every request (read up to its blank line) with ``response``.
+
+    ``keep_open``: the connection stays open for the next request, as a
+    keep-alive server's would; otherwise it is closed after each answer.
+    """
+
+    def __init__(self, response: bytes, *, keep_open: bool = False) -> None:
+        self.response = response
+        self.keep_open = keep_open
+        self.requests = 0
+        super().__init__()
+
+    def handle(self, conn: socket.socket) -> None:
+        data = b""
+        for got in self.chunks(conn):
+            data += got
+            while b"\r\n\r\n" in data:
+                _, _, data = data.partition(b"\r\n\r\n")
+                self.requests += 1
+                try:
+                    conn.sendall(self.response)
+                except OSError:
+                    return
+                if not self.keep_open:
+                    return
+
+
 class RawServer(SocketServer):
     """A socket server answering every request with a fixed misbehaviour.
 
