@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ._backend import Backend, BackendState
+from ._changes import Change, Op
 from ._classify import Model, classify
 from ._config import (
     BalancerConfig,
@@ -461,12 +462,11 @@ def _follow_backends(pool: Pool, config: PoolConfig) -> None:
     for backend in list(pool.backends):
         target = wanted.get(backend.url)
         if target is None or target.backup != backend.backup:
-            pool._remove_backend(backend.url)
-        elif target.weight != backend.weight:
-            pool._set_weight(backend.url, target.weight)
+            pool.apply(Change(Op.REMOVE, backend.url))
+        else:
+            pool.apply(Change(Op.WEIGHT, backend.url, weight=target.weight))
     for url, target in wanted.items():
-        if pool.find(url) is None:
-            pool._add_backend(url, target.weight, target.backup)
+        pool.apply(Change(Op.ADD, url, weight=target.weight, backup=target.backup))
 
 
 #: Balancers with per-process state to forget in a forked child.

@@ -35,6 +35,8 @@ import os
 import socket
 from typing import TYPE_CHECKING, Any
 
+from ._changes import ADMIN_OPS, COUNTING_OPS, Change, Op
+
 if TYPE_CHECKING:
     from ._backend import Backend
     from ._balancer import Balancer
@@ -54,9 +56,6 @@ RESUBSCRIBE_DELAY = 1.0
 #: Seconds a shutdown waits for the coordination tasks and connections.
 STOP_TIMEOUT = 2.0
 
-_ADMIN_OPS = frozenset({"add", "remove", "drain", "disable", "enable", "weight"})
-#: Kept in the store, not broadcast: failure streaks counted across processes.
-_COUNTING_OPS = frozenset({"failure", "recovered"})
 #: A failure streak nobody added to for this long is forgotten.
 FAILURE_MEMORY_MS = 60_000
 
@@ -88,24 +87,23 @@ def admin_state(pool: Pool, url: str) -> dict[str, Any]:
     }
 
 
-def changes_towards(pool: Pool, url: str, state: dict[str, Any]) -> list[dict[str, Any]]:
+def changes_towards(pool: Pool, url: str, state: dict[str, Any]) -> list[Change]:
     """The changes that bring ``url`` in ``pool`` to the shared ``state``."""
     backend = pool.find(url)
     if not state.get("exists"):
-        return [] if backend is None else [{"op": "remove", "url": url}]
-    changes: list[dict[str, Any]] = []
+        return [] if backend is None else [Change(Op.REMOVE, url)]
+    changes: list[Change] = []
+    weight = int(state["weight"])
     if backend is None:
-        changes.append(
-            {"op": "add", "url": url, "weight": state["weight"], "backup": state["backup"]}
-        )
-    elif backend.weight != state["weight"]:
-        changes.append({"op": "weight", "url": url, "weight": state["weight"]})
+        changes.append(Change(Op.ADD, url, weight=weight, backup=bool(state["backup"])))
+    elif backend.weight != weight:
+        changes.append(Change(Op.WEIGHT, url, weight=weight))
     if not state["enabled"]:
-        changes.append({"op": "disable", "url": url})
+        changes.append(Change(Op.DISABLE, url))
     elif state["draining"]:
-        changes.append({"op": "drain", "url": url})
+        changes.append(Change(Op.DRAIN, url))
     else:
-        changes.append({"op": "enable", "url": url})
+        changes.append(Change(Op.ENABLE, url))
     return changes
 
 
@@ -114,7 +112,7 @@ class Coordinator:
         self.balancer = balancer
         self.store = store
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._queue: asyncio.Queue[tuple[str, dict[str, Any]]] | None = None
+        self._queue: asyncio.Queue[tuple[str, Change]] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._pubsub: Any = None
         self._failing = False
@@ -128,28 +126,26 @@ class Coordinator:
 
     # --- publishing --------------------------------------------------------------
 
-    def announce(self, pool: Pool, change: dict[str, Any]) -> None:
+    def announce(self, pool: Pool, change: Change) -> None:
         """Called by a pool, from any thread, after a change of its own."""
         loop, queue = self._loop, self._queue
         if loop is not None and queue is not None and not loop.is_closed():
             loop.call_soon_threadsafe(queue.put_nowait, (pool.name, change))
             return
-        if change["op"] in _COUNTING_OPS:
+        if change.op in COUNTING_OPS:
             return  # before start: the local streak is still counted
         try:  # not started yet in this process: publish from this thread
             client = self.store.sync_client
-            if change["op"] in _ADMIN_OPS:
+            if change.op in ADMIN_OPS:
                 client.hset(
-                    _admin_key(pool.name),
-                    change["url"],
-                    json.dumps(admin_state(pool, change["url"])),
+                    _admin_key(pool.name), change.url, json.dumps(admin_state(pool, change.url))
                 )
             client.publish(CHANNEL, self._message(pool.name, change))
         except Exception as exc:
             self._trouble("could not share a change", exc)
 
-    def _message(self, pool: str, change: dict[str, Any]) -> str:
-        return json.dumps({**change, "pool": pool, "from": self.id})
+    def _message(self, pool: str, change: Change) -> str:
+        return json.dumps({**change.to_json(), "pool": pool, "from": self.id})
 
     async def _publisher(self) -> None:
         assert self._queue is not None
@@ -158,23 +154,23 @@ class Coordinator:
             pool = self.balancer.pools[name]
             client = self.store.async_client()
             try:
-                if change["op"] in _COUNTING_OPS:
+                if change.op in COUNTING_OPS:
                     await self._count(client, pool, change)
                     continue
-                if change["op"] in _ADMIN_OPS:
-                    state = admin_state(pool, change["url"])
-                    await client.hset(_admin_key(name), change["url"], json.dumps(state))
+                if change.op in ADMIN_OPS:
+                    state = admin_state(pool, change.url)
+                    await client.hset(_admin_key(name), change.url, json.dumps(state))
                 await client.publish(CHANNEL, self._message(name, change))
                 self._recovered()
             except Exception as exc:
                 self._trouble("could not share a change", exc)
 
-    async def _count(self, client: Any, pool: Pool, change: dict[str, Any]) -> None:
+    async def _count(self, client: Any, pool: Pool, change: Change) -> None:
         # Consecutive failures of a backend, as all processes together saw
         # them: the pool that brings the count to its limit ejects (and its
         # "eject" goes out to the others); a success ends the streak.
-        key = f"balancekit:failures:{pool.name}:{change['url']}"
-        if change["op"] == "recovered":
+        key = f"balancekit:failures:{pool.name}:{change.url}"
+        if change.op is Op.RECOVERED:
             await client.delete(key)
             return
         count = int(await client.incr(key))
@@ -182,7 +178,7 @@ class Coordinator:
         outlier = pool.outlier
         if outlier is not None and count >= outlier.consecutive_failures:
             await client.delete(key)
-            pool.eject_for_failures(change["url"], count)
+            pool.eject_for_failures(change.url, count)
 
     # --- following ---------------------------------------------------------------
 
@@ -201,12 +197,12 @@ class Coordinator:
 
     def _apply(self, raw: str) -> None:
         try:
-            change = json.loads(raw)
-            if change.get("from") == self.id:
+            message = json.loads(raw)
+            if message.get("from") == self.id:
                 return
-            pool = self.balancer.pools.get(change.get("pool"))
+            pool = self.balancer.pools.get(message.get("pool"))
             if pool is not None:
-                pool.apply(change)
+                pool.apply(Change.from_json(message))
         except Exception:  # a malformed message must not stop the channel
             logger.exception("balancekit: could not apply a shared change %r", raw[:200])
 

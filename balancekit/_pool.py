@@ -14,9 +14,12 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from . import _outlier
 from ._backend import Backend, BackendState
+from ._changes import Change, Op
 from ._config import validate_backend
 from ._exceptions import NoEligibleBackend
+from ._slow_start import NEVER, SlowStart
 from .algorithms.base import overrides
 
 if TYPE_CHECKING:
@@ -29,15 +32,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger("balancekit")
 
 StateListener = Callable[["Pool", Backend, BackendState, BackendState], None]
-
-_NEVER = float("inf")
+ChangeListener = Callable[["Pool", Change], None]
 
 #: Retries allowed in flight whatever the budget says (Envoy's floor).
 RETRY_BUDGET_FLOOR = 3
-#: Slow start: a joining backend's first share of its weight, and the
-#: number of steps to all of it.
-RAMP_FLOOR = 0.1
-RAMP_STEPS = 10
 
 
 class Pool:
@@ -82,7 +80,7 @@ class Pool:
         #: Told of every runtime change made through this pool's methods,
         #: and of ejections, so that other processes can follow (set by the
         #: Balancer when its store is shared).
-        self.on_change: Callable[[Pool, dict[str, Any]], None] | None = None
+        self.on_change: ChangeListener | None = None
         self._lock = threading.RLock()
         self.backends: list[Backend] = []
         self._by_url: dict[str, Backend] = {}
@@ -91,10 +89,9 @@ class Pool:
         self._saturated = 0
         self._eligible: frozenset[Backend] = frozenset()
         self._started = False  # backends of the configuration do not ramp
-        self._ramping: list[Backend] = []
-        self._next_expiry = _NEVER
-        self._next_ramp = _NEVER
-        self._next_timer = _NEVER
+        self._slow_start = SlowStart(self.slow_start) if self.slow_start else None
+        self._next_expiry = NEVER
+        self._next_timer = NEVER
         self.active_requests = 0
         self.retries_active = 0
         for backend in config.backends:
@@ -137,7 +134,7 @@ class Pool:
         ``max_connections``), else the pick goes on as if there were no pin.
         Raises :class:`NoEligibleBackend`.
         """
-        if self._next_timer != _NEVER and self._next_timer <= self._clock():
+        if self._next_timer != NEVER and self._next_timer <= self._clock():
             self._timers()
         with self._lock:
             if prefer is not None and self._pinnable(prefer):
@@ -210,9 +207,9 @@ class Pool:
             # Shared stores count failures across processes: each one, and
             # the success that ends a streak (never a plain success).
             if not ok:
-                self.on_change(self, {"op": "failure", "url": backend.url})
+                self.on_change(self, Change(Op.FAILURE, backend.url))
             elif streak:
-                self.on_change(self, {"op": "recovered", "url": backend.url})
+                self.on_change(self, Change(Op.RECOVERED, backend.url))
 
     def eject_for_failures(self, url: str, failures: int) -> None:
         """Eject ``url`` for ``failures`` consecutive failures counted across
@@ -232,7 +229,7 @@ class Pool:
         self._notify(backend, *changed)
         if self.on_change is not None:
             seconds = backend.ejected_until - self._clock()
-            self.on_change(self, {"op": "eject", "url": backend.url, "seconds": seconds})
+            self.on_change(self, Change(Op.EJECT, backend.url, seconds=seconds))
 
     def try_acquire_retry(self) -> bool:
         """Take a place in the retry budget; False when it is spent."""
@@ -256,66 +253,64 @@ class Pool:
         passing check, when active checks run)."""
         validate_backend(url, weight, backup=backup)
         backend = self._add_backend(url, weight, backup)
-        self._announce({"op": "add", "url": url, "weight": weight, "backup": backup})
+        self._announce(Change(Op.ADD, url, weight=weight, backup=backup))
         return backend
 
     def remove_backend(self, url: str) -> None:
         """Remove a backend. Requests in flight on it finish normally."""
         self._remove_backend(url)
-        self._announce({"op": "remove", "url": url})
+        self._announce(Change(Op.REMOVE, url))
 
     def drain(self, url: str) -> None:
         """No new requests; those in flight (and pinned sessions) finish."""
         self._update(url, draining=True)
-        self._announce({"op": "drain", "url": url})
+        self._announce(Change(Op.DRAIN, url))
 
     def disable(self, url: str) -> None:
         """No traffic at all."""
         self._update(url, enabled=False)
-        self._announce({"op": "disable", "url": url})
+        self._announce(Change(Op.DISABLE, url))
 
     def enable(self, url: str) -> None:
         """Undo :meth:`drain` and :meth:`disable`."""
         self._update(url, enabled=True, draining=False)
-        self._announce({"op": "enable", "url": url})
+        self._announce(Change(Op.ENABLE, url))
 
     def set_weight(self, url: str, weight: int) -> None:
         """Change a backend's weight."""
         validate_backend(url, weight)
         self._set_weight(url, weight)
-        self._announce({"op": "weight", "url": url, "weight": weight})
+        self._announce(Change(Op.WEIGHT, url, weight=weight))
 
-    def apply(self, change: dict[str, Any]) -> None:
-        """Apply a change another process made through the methods above
-        (see :mod:`balancekit._coordination`); not announced again, and
-        idempotent: a change already in place, or about a backend this pool
-        does not have, is skipped."""
-        op, url = change.get("op"), change.get("url")
-        if not isinstance(url, str):
-            return
+    def apply(self, change: Change) -> None:
+        """Apply a change made elsewhere: by another process through the
+        methods above (see :mod:`balancekit._coordination`), or by a reload.
+        Not announced again, and idempotent: a change already in place, or
+        about a backend this pool does not have, is skipped."""
+        op, url = change.op, change.url
         backend = self._by_url.get(url)
-        if op == "add":
+        if op is Op.ADD:
             if backend is None:
-                self._add_backend(url, int(change.get("weight", 1)), bool(change.get("backup")))
+                self._add_backend(url, change.weight, change.backup)
             return
         if backend is None:
             return
-        if op == "remove":
+        if op is Op.REMOVE:
             self._remove_backend(url)
-        elif op == "drain" and not backend.draining:
+        elif op is Op.DRAIN and not backend.draining:
             self._update(url, draining=True)
-        elif op == "disable" and backend.enabled:
+        elif op is Op.DISABLE and backend.enabled:
             self._update(url, enabled=False)
-        elif op == "enable" and (backend.draining or not backend.enabled):
+        elif op is Op.ENABLE and (backend.draining or not backend.enabled):
             self._update(url, enabled=True, draining=False)
-        elif op == "weight" and backend.weight != change.get("weight"):
-            self._set_weight(url, int(change["weight"]))
-        elif op == "eject":
-            self._eject_for(backend, float(change.get("seconds", 0)))
-        elif op == "health" and backend.healthy != bool(change.get("healthy")):
-            self._update(url, healthy=bool(change.get("healthy")))
+        elif op is Op.WEIGHT and backend.weight != change.weight:
+            self._set_weight(url, change.weight)
+        elif op is Op.EJECT:
+            self._eject_for(backend, change.seconds)
+        elif op is Op.HEALTH and backend.healthy != change.healthy:
+            self._update(url, healthy=change.healthy)
 
-    def _announce(self, change: dict[str, Any]) -> None:
+    def _announce(self, change: Change) -> None:
         if self.on_change is not None:
             self.on_change(self, change)
 
@@ -352,13 +347,9 @@ class Pool:
     def _eject_for(self, backend: Backend, seconds: float) -> None:
         # Another process ejected it: out here too, for as long as is left.
         with self._lock:
-            if seconds <= 0 or backend.removed:
-                return
-            until = self._clock() + seconds
-            if backend.ejected_until >= until:
-                return
             old = backend.state
-            backend.ejected_until = until
+            if not _outlier.eject_for(backend, seconds, self._clock()):
+                return
             self._rebuild()
         logger.warning(
             "pool %s: backend %s ejected for %.0fs by another worker",
@@ -446,83 +437,43 @@ class Pool:
             else:
                 logger.info("pool %s: panic mode over", self.name)
         now_eligible = frozenset(b for b in self.backends if eligible(b))
-        if self.slow_start and self._started:
+        slow = self._slow_start
+        if slow is not None and self._started:
             joined = now_eligible - self._eligible
             if joined:
-                self._start_ramps(joined)
+                slow.start(joined, self._clock())
         self._eligible = now_eligible
         self._primary, self._backup = primary, backup
         self._saturated = sum(1 for b in self.backends if b.active_requests >= self.max_connections)
         expiries = [b.ejected_until for b in self.backends if b.ejected_until]
-        self._next_expiry = min(expiries, default=_NEVER)
-        self._next_timer = min(self._next_expiry, self._next_ramp)
+        self._next_expiry = min(expiries, default=NEVER)
+        self._next_timer = min(self._next_expiry, NEVER if slow is None else slow.next_step)
         if self._prepare is not None:
             for eligible_set in (self._backup, self._primary):
                 if eligible_set:
                     self._prepare(eligible_set)
 
-    # --- slow start -------------------------------------------------------------
-
-    def _start_ramps(self, joined: frozenset[Backend]) -> None:
-        # Under the lock. A backend that (re)joins begins at a tenth of its
-        # weight (Envoy's default min_weight_percent) and grows linearly to
-        # all of it over ``slow_start`` seconds, in ten steps: each step is a
-        # rebuild, so tables are remade ten times per ramp, not per request.
-        now = self._clock()
-        for backend in joined:
-            backend.ramp_started = now
-            backend.effective_weight = backend.weight * RAMP_FLOOR
-            if backend not in self._ramping:
-                self._ramping.append(backend)
-        self._next_ramp = min(self._next_ramp, now + self.slow_start / RAMP_STEPS)
-
-    def _advance_ramps(self, now: float) -> None:
-        # Under the lock.
-        still = []
-        for backend in self._ramping:
-            if backend.removed:
-                continue
-            share = (now - backend.ramp_started) / self.slow_start
-            if share >= 1:
-                backend.effective_weight = backend.weight
-                backend.ramp_started = 0.0
-            else:
-                backend.effective_weight = backend.weight * max(RAMP_FLOOR, share)
-                still.append(backend)
-        self._ramping = still
-        self._next_ramp = _NEVER
-        if still:
-            # The next step, or the end of a ramp if one ends sooner.
-            ends = min(b.ramp_started for b in still) + self.slow_start
-            self._next_ramp = min(now + self.slow_start / RAMP_STEPS, ends)
+    # --- timers: slow-start steps, ejections that end ---------------------------
 
     def _timers(self) -> None:
         now = self._clock()
-        if self._next_ramp <= now:
+        slow = self._slow_start
+        if slow is not None and slow.next_step <= now:
             with self._lock:
-                self._advance_ramps(now)
+                slow.advance(now)
                 self._rebuild()
         if self._next_expiry <= now:
             self._expire_ejections()
 
     def _maybe_eject(self, backend: Backend) -> tuple[BackendState, BackendState] | None:
-        # Under the lock. Envoy's consecutive-5xx ejection, with its doubling
-        # ejection time and its cap on the share of ejected backends.
+        # Under the lock (see balancekit._outlier).
         outlier = self.outlier
-        if outlier is None or backend.ejected_until or backend.removed:
-            return None
-        if backend.consecutive_failures < outlier.consecutive_failures:
-            return None
-        ejected = sum(1 for b in self.backends if b.ejected_until)
-        if (ejected + 1) * 100 > outlier.max_ejection_percent * len(self.backends):
+        if outlier is None:
             return None
         old = backend.state
-        backend.ejections += 1
-        duration = min(
-            outlier.base_ejection_time * 2 ** (backend.ejections - 1), outlier.max_ejection_time
-        )
-        backend.ejected_until = self._clock() + duration
-        backend.consecutive_failures = 0
+        duration = _outlier.eject(outlier, backend, self.backends, self._clock())
+        if duration is None:
+            return None
         self._rebuild()
         logger.warning(
             "pool %s: backend %s ejected for %.0fs after %d consecutive failures",
@@ -535,10 +486,7 @@ class Pool:
 
     def _expire_ejections(self) -> None:
         with self._lock:
-            now = self._clock()
-            back = [b for b in self.backends if b.ejected_until and b.ejected_until <= now]
-            for backend in back:
-                backend.ejected_until = 0.0
+            back = _outlier.expire(self.backends, self._clock())
             self._rebuild()
         for backend in back:
             logger.info("pool %s: backend %s returns from ejection", self.name, backend.url)

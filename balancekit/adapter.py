@@ -24,6 +24,7 @@ ASGI one with ``await balancer.engine().handle(verdict, scope, receive, send)``.
 from __future__ import annotations
 
 from ._balancer import ConfigInput
+from ._changes import Change, Op
 from ._classify import PASS, Classification, Pass, Refuse, Routed, Status
 from ._config import validate_backend, with_default_secret
 from ._exceptions import Problem
@@ -31,8 +32,10 @@ from ._routing import Route
 
 __all__ = [
     "PASS",
+    "Change",
     "Classification",
     "ConfigInput",
+    "Op",
     "Pass",
     "Problem",
     "Refuse",

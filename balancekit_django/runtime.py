@@ -19,7 +19,7 @@ from django.conf import settings
 from django.db import close_old_connections
 
 from balancekit import Balancer, BalancerConfig, ConfigError
-from balancekit.adapter import with_default_secret
+from balancekit.adapter import Change, Op, with_default_secret
 
 logger = logging.getLogger("balancekit")
 
@@ -132,11 +132,19 @@ class Runtime:
             return False
         for key, flags in states.items():
             name, url = key.split(" ", 1)
-            backend = self.balancer.pools[name].find(url)
+            pool = self.balancer.pools[name]
+            backend = pool.find(url)
             if backend is None:
                 continue
-            if backend.enabled != flags["enabled"] or backend.draining != flags["draining"]:
-                self.balancer.pools[name]._update(url, **flags)
+            # Not announced: every process reads the same rows.
+            if not flags["enabled"]:
+                pool.apply(Change(Op.DISABLE, url))
+            elif flags["draining"]:
+                if not backend.enabled:  # straight from disabled to draining
+                    pool.apply(Change(Op.ENABLE, url))
+                pool.apply(Change(Op.DRAIN, url))
+            else:
+                pool.apply(Change(Op.ENABLE, url))
         self.version = version
         return True
 

@@ -14,6 +14,8 @@ import random
 import time
 from typing import TYPE_CHECKING, Any
 
+from .._changes import Change, Op
+
 if TYPE_CHECKING:
     from .._backend import Backend
     from .._coordination import Coordinator
@@ -125,6 +127,4 @@ class HealthScheduler:
         if verdict is not None and verdict != backend.healthy:
             self.pool.set_healthy(backend, verdict)
             if mine:  # the others need not wait for their next round
-                coordinator.announce(
-                    self.pool, {"op": "health", "url": backend.url, "healthy": verdict}
-                )
+                coordinator.announce(self.pool, Change(Op.HEALTH, backend.url, healthy=verdict))
