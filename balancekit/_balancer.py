@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import os
 import threading
@@ -20,11 +19,10 @@ from ._config import (
     PoolConfig,
     did_you_mean,
     load_config,
-    plugin_options,
 )
 from ._exceptions import ConfigError, Problem
 from ._forwarding import TrustedProxies
-from ._plugins import PluginManager, make_plugin_manager
+from ._plugins import PluginManager, build_plugin, make_plugin_manager
 from ._pool import Pool
 from ._routing import Route, RouteTable
 from .metrics import Metrics, available as metrics_available
@@ -143,24 +141,11 @@ class Balancer:
         problems: list[Problem],
         **seams: Any,
     ) -> Any:
-        found = plugin_options(path, cls, options)
-        if found:
-            problems.extend(found)
-            return None
-        # What the balancer lends a plugin that asks for it by name: the one
-        # time seam, and to persistence types their pool, secrets and store.
-        parameters = inspect.signature(cls).parameters
-        options = {**options, **{k: v for k, v in seams.items() if k in parameters}}
+        """:func:`build_plugin`, its problems collected with the others."""
         try:
-            return cls(**options)
-        except (TypeError, ValueError) as exc:
-            # A plugin that names the option at fault ("path: must ...") gets
-            # it appended to the key path.
-            key, sep, rest = str(exc).partition(": ")
-            if sep and key in options:
-                problems.append(Problem(f"{path}.{key}", rest))
-            else:
-                problems.append(Problem(path, str(exc)))
+            return build_plugin(cls, options, path, **seams)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
             return None
 
     def _build_pool(self, name: str, config: PoolConfig, problems: list[Problem]) -> Pool | None:
@@ -342,9 +327,12 @@ class Balancer:
         started = []
         for name, (cls, options) in self._health.items():
             check = self.config.pools[name].health_check
+            # A check of its own per start: its connections belong to the
+            # loop (and the process) that runs it.
+            instance = build_plugin(cls, options, f"pools.{name}.health_check", clock=self.clock)
             scheduler = HealthScheduler(
                 self.pools[name],
-                cls(**options),
+                instance,
                 interval=check.interval,
                 rise=check.rise,
                 fall=check.fall,

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import inspect
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import pluggy
 
 from . import hookspecs
-from ._exceptions import PluginError
+from ._config import plugin_options
+from ._exceptions import ConfigError, PluginError, Problem
 
 logger = logging.getLogger("balancekit")
 
@@ -112,3 +115,28 @@ def _load_entry_points(manager: PluginManager) -> None:
             continue
         dist = ep.dist
         manager.distributions[ep.name] = f"{dist.name} {dist.version}" if dist else ep.name
+
+
+def build_plugin(cls: type[Any], options: Mapping[str, Any], path: str, **seams: Any) -> Any:
+    """An instance of the plugin class ``cls`` with a configuration table's
+    ``options``, ``path`` being that table's key path.
+
+    ``seams`` are what the caller lends a plugin that asks for one by name
+    in its constructor (``clock``, ``rng``; to persistence types ``pool``,
+    ``secrets`` and ``store``); a plugin that does not ask gets none. An
+    unknown or missing option, or a ``TypeError``/``ValueError`` from the
+    constructor, is a :class:`ConfigError`; a constructor message of the
+    form ``"option: what is wrong"`` names the option in the key path.
+    """
+    problems = plugin_options(path, cls, options)
+    if problems:
+        raise ConfigError(problems)
+    parameters = inspect.signature(cls).parameters
+    lent = {name: value for name, value in seams.items() if name in parameters}
+    try:
+        return cls(**options, **lent)
+    except (TypeError, ValueError) as exc:
+        key, sep, rest = str(exc).partition(": ")
+        if sep and key in options:
+            raise ConfigError([Problem(f"{path}.{key}", rest)]) from None
+        raise ConfigError([Problem(path, str(exc))]) from None

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from ._backend import percentile
-from ._config import PoolConfig, plugin_options
+from ._config import PoolConfig
 from ._exceptions import ConfigError, NoEligibleBackend, Problem
+from ._plugins import build_plugin
 from ._pool import Pool
 from ._request import RequestInfo
 
@@ -157,14 +158,8 @@ def construct(
 ) -> Any:
     """An algorithm built as the Balancer builds it, its seams filled in:
     the simulation's clock, and a seeded ``rng`` for the random ones."""
-    import inspect
-
-    problems = plugin_options(f"algorithms.{cls.name}", cls, options)
-    if problems:
-        raise ConfigError(problems)
-    parameters = inspect.signature(cls).parameters
-    seams = {"clock": clock, "rng": random.Random(seed)}
-    return cls(**options, **{k: v for k, v in seams.items() if k in parameters})
+    path = f"algorithms.{cls.name}"
+    return build_plugin(cls, options, path, clock=clock, rng=random.Random(seed))
 
 
 def simulate(
@@ -419,7 +414,7 @@ def buildable(
     for name, cls in algorithms.items():
         try:
             construct(cls, scenario.algorithm_options.get(name, {}), lambda: 0.0, 0)
-        except (ConfigError, TypeError, ValueError) as exc:
+        except ConfigError as exc:
             skipped[name] = str(exc)
         else:
             ok[name] = cls
