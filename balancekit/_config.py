@@ -15,7 +15,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -89,8 +89,13 @@ Percent = Annotated[float, AfterValidator(_percent)]
 CIDRList = Annotated[tuple[IPNetwork, ...], BeforeValidator(_cidrs)]
 
 
-class _Model(BaseModel):
+class Schema(BaseModel):
+    """A table of the configuration: unknown keys refused, no coercion."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class _PluginTable(BaseModel):
@@ -130,7 +135,7 @@ def _table_from_type(value: Any) -> Any:
     return {"type": value} if isinstance(value, str) else value
 
 
-class BackendConfig(_Model):
+class BackendConfig(Schema):
     url: Annotated[str, AfterValidator(_url)]
     weight: PositiveInt = 1
     backup: bool = False
@@ -140,13 +145,13 @@ class AlgorithmConfig(_PluginTable):
     name: str = "round_robin"
 
 
-class TimeoutsConfig(_Model):
+class TimeoutsConfig(Schema):
     connect: Duration = DEFAULT_TIMEOUTS["connect"]
     read: Duration = DEFAULT_TIMEOUTS["read"]
     write: Duration = DEFAULT_TIMEOUTS["write"]
 
 
-class RetriesConfig(_Model):
+class RetriesConfig(Schema):
     attempts: PositiveInt = DEFAULT_RETRIES["attempts"]
     budget_percent: Percent = DEFAULT_RETRIES["budget_percent"]
 
@@ -160,7 +165,7 @@ class HealthCheckConfig(_PluginTable):
     fall: PositiveInt = 3
 
 
-class OutlierDetectionConfig(_Model):
+class OutlierDetectionConfig(Schema):
     consecutive_failures: PositiveInt = 5
     base_ejection_time: Duration = 30.0
     max_ejection_time: Duration = 300.0
@@ -171,7 +176,7 @@ class PersistenceConfig(_PluginTable):
     type: str
 
 
-class PoolConfig(_Model):
+class PoolConfig(Schema):
     algorithm: Annotated[AlgorithmConfig, BeforeValidator(_table_from_name)] = AlgorithmConfig()
     backends: list[Annotated[BackendConfig, BeforeValidator(_table_from_url)]] = Field(
         default_factory=list
@@ -208,7 +213,7 @@ def _prefix(value: str) -> str:
     return value
 
 
-class RouteConfig(_Model):
+class RouteConfig(Schema):
     prefix: Annotated[str, AfterValidator(_prefix)]
     pool: str
     strip_prefix: bool = False
@@ -219,7 +224,7 @@ def _status_path(value: str) -> str:
     return value if value.endswith("/") else value + "/"
 
 
-class StatusConfig(_Model):
+class StatusConfig(Schema):
     enabled: bool = False
     path: Annotated[str, AfterValidator(_status_path)] = "/balancekit/"
     token: str = ""
@@ -232,7 +237,7 @@ def _secrets(value: Any) -> Any:
     return value
 
 
-class BalancerConfig(_Model):
+class BalancerConfig(Schema):
     """The whole configuration, validated. Build it with :func:`load_config`."""
 
     secret: Annotated[str | list[str] | None, BeforeValidator(_secrets)] = None
@@ -308,8 +313,7 @@ def did_you_mean(key: str, candidates: list[str] | tuple[str, ...]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def _fields_at(loc: tuple[int | str, ...]) -> list[str]:
-    model: type[BaseModel] = BalancerConfig
+def _fields_at(loc: tuple[int | str, ...], model: type[BaseModel]) -> list[str]:
     parts = list(loc)
     while parts:
         step = _CHILDREN.get(model, {}).get(str(parts.pop(0)))
@@ -321,12 +325,12 @@ def _fields_at(loc: tuple[int | str, ...]) -> list[str]:
     return list(model.model_fields)
 
 
-def _problem(error: Any) -> Problem:
+def _problem(error: Any, root: type[BaseModel] = BalancerConfig) -> Problem:
     loc = tuple(part for part in error["loc"] if not _is_union_tag(part))
     kind = error["type"]
     value = error.get("input")
     if kind == "extra_forbidden":
-        hint = did_you_mean(str(loc[-1]), _fields_at(loc[:-1]))
+        hint = did_you_mean(str(loc[-1]), _fields_at(loc[:-1], root))
         return Problem(format_path(loc), f"unknown key{hint}")
     if kind == "missing":
         return Problem(format_path(loc), "is required")
@@ -399,14 +403,28 @@ def load_config(
         raise ConfigError(
             f"configuration must be a dict, a TOML file path or a BalancerConfig, got {source!r}"
         )
-    try:
-        config = BalancerConfig.model_validate(dict(source))
-    except ValidationError as exc:
-        raise ConfigError(_merge([_problem(error) for error in exc.errors()])) from None
+    config = validate(BalancerConfig, source)
     problems = _cross_checks(config)
     if problems:
         raise ConfigError(problems)
     return config
+
+
+def validate(model: type[M], data: Mapping[str, Any]) -> M:
+    """``data`` as ``model`` (one of these schemas, or another built on
+    ``Schema`` such as the simulator's scenario file), or a
+    :class:`ConfigError` listing every problem with its key path."""
+    try:
+        return model.model_validate(dict(data))
+    except ValidationError as exc:
+        raise ConfigError(_merge([_problem(e, model) for e in exc.errors()])) from None
+
+
+def nest(model: type[BaseModel], **children: tuple[str, type[BaseModel]]) -> None:
+    """Say how ``model`` steps into its child models (``"one"``, ``"list"``
+    or ``"dict"`` of which model), so an unknown key deep inside gets its
+    "did you mean"."""
+    _CHILDREN[model] = dict(children)
 
 
 def with_default_secret(

@@ -21,10 +21,12 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, field_validator
 
 from ._backend import percentile
-from ._config import PoolConfig
+from ._config import OutlierDetectionConfig, PoolConfig, PositiveInt, Schema, nest, validate
 from ._exceptions import ConfigError, NoEligibleBackend, Problem
 from ._plugins import build_plugin
 from ._pool import Pool
@@ -296,16 +298,74 @@ def recommend(report: Mapping[str, Any]) -> str:
 
 # --- scenario files --------------------------------------------------------------
 
-_BACKEND_KEYS: dict[str, type | tuple[type, ...]] = {
-    "name": str,
-    "slots": int,
-    "latency_ms": (int, float),
-    "distribution": str,
-    "sigma": (int, float),
-    "failure_rate": (int, float),
-    "failure_latency_ms": (int, float),
-    "weight": int,
-}
+
+def _positive(value: float) -> float:
+    if not value > 0:
+        raise ValueError(f"must be positive, got {value!r}")
+    return value
+
+
+def _distribution(value: str) -> str:
+    if value not in DISTRIBUTIONS:
+        raise ValueError(f"must be one of {', '.join(DISTRIBUTIONS)}, got {value!r}")
+    return value
+
+
+def _failure_rate(value: float) -> float:
+    if not 0 <= value < 1:
+        raise ValueError(f"must be in [0, 1), got {value!r}")
+    return value
+
+
+def _load(value: float) -> float:
+    if not 0 < value < 1:
+        raise ValueError(f"must be a share of capacity in (0, 1), got {value!r}")
+    return value
+
+
+Positive = Annotated[float, AfterValidator(_positive)]
+
+
+class BackendTable(Schema):
+    """A scenario file's ``[[backends]]`` table (see :class:`BackendModel`)."""
+
+    name: str | None = None
+    slots: PositiveInt = 4
+    latency_ms: Positive = 10.0
+    distribution: Annotated[str, AfterValidator(_distribution)] = "exponential"
+    sigma: Positive = 0.5
+    failure_rate: Annotated[float, AfterValidator(_failure_rate)] = 0.0
+    failure_latency_ms: Positive = 1.0
+    weight: PositiveInt = 1
+
+
+class ScenarioFile(Schema):
+    """A scenario file, as :func:`load_scenario` documents it."""
+
+    name: str | None = None
+    description: str | None = None
+    load: Annotated[float, AfterValidator(_load)] = 0.7
+    hot_keys: PositiveInt | None = None
+    backends: list[BackendTable]
+    algorithms: dict[str, dict[str, Any]] = {}
+    outlier_detection: OutlierDetectionConfig | None = None
+
+    @field_validator("backends")
+    @classmethod
+    def _some_with_unique_names(
+        cls, backends: tuple[BackendTable, ...]
+    ) -> tuple[BackendTable, ...]:
+        if not backends:
+            raise ValueError("must list at least one [[backends]] table")
+        names = [b.name or f"b{i + 1}" for i, b in enumerate(backends)]
+        if len(set(names)) != len(names):
+            raise ValueError("names must be unique")
+        return backends
+
+
+nest(
+    ScenarioFile, backends=("list", BackendTable), outlier_detection=("one", OutlierDetectionConfig)
+)
 
 
 def load_scenario(path: str | Path) -> Scenario:
@@ -335,72 +395,25 @@ def load_scenario(path: str | Path) -> Scenario:
         raise ConfigError(f"{path}: no such scenario file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    problems: list[Problem] = []
-    known = {
-        "name",
-        "description",
-        "load",
-        "hot_keys",
-        "backends",
-        "algorithms",
-        "outlier_detection",
-    }
-    problems += [Problem(key, "unknown key") for key in data if key not in known]
-    backends = []
-    raw_backends = data.get("backends")
-    if not isinstance(raw_backends, list) or not raw_backends:
-        problems.append(Problem("backends", "must list at least one [[backends]] table"))
-        raw_backends = []
-    for i, raw in enumerate(raw_backends):
-        where = f"backends[{i}]"
-        if not isinstance(raw, dict):
-            problems.append(Problem(where, "must be a table"))
-            continue
-        found = len(problems)
-        for key, value in raw.items():
-            kind = _BACKEND_KEYS.get(key)
-            if kind is None:
-                problems.append(Problem(f"{where}.{key}", "unknown key"))
-            elif isinstance(value, bool) or not isinstance(value, kind):
-                problems.append(Problem(f"{where}.{key}", f"has the wrong type: {value!r}"))
-        for key in ("slots", "latency_ms", "weight", "failure_latency_ms", "sigma"):
-            value = raw.get(key, 1)
-            if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
-                problems.append(Problem(f"{where}.{key}", f"must be positive, got {value!r}"))
-        rate = raw.get("failure_rate", 0)
-        if isinstance(rate, int | float) and not 0 <= rate < 1:
-            problems.append(Problem(f"{where}.failure_rate", f"must be in [0, 1), got {rate!r}"))
-        if raw.get("distribution", "exponential") not in DISTRIBUTIONS:
-            problems.append(
-                Problem(f"{where}.distribution", f"must be one of {', '.join(DISTRIBUTIONS)}")
-            )
-        if len(problems) == found:
-            backends.append(BackendModel(**{"name": f"b{i + 1}", **raw}))
-    names = [b.name for b in backends]
-    if len(set(names)) != len(names):
-        problems.append(Problem("backends", "names must be unique"))
-    load = data.get("load", 0.7)
-    if isinstance(load, bool) or not isinstance(load, int | float) or not 0 < load < 1:
-        problems.append(Problem("load", f"must be a share of capacity in (0, 1), got {load!r}"))
-    hot_keys = data.get("hot_keys")
-    if hot_keys is not None and (
-        isinstance(hot_keys, bool) or not isinstance(hot_keys, int) or hot_keys < 1
-    ):
-        problems.append(Problem("hot_keys", f"must be a positive integer, got {hot_keys!r}"))
-    options = data.get("algorithms", {})
-    if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
-        problems.append(Problem("algorithms", "must hold one table per algorithm name"))
-        options = {}
-    if problems:
-        raise ConfigError([Problem(f"{path.name}: {p.path}", p.message) for p in problems])
+    try:
+        scenario = validate(ScenarioFile, data)
+    except ConfigError as exc:
+        raise ConfigError(
+            [Problem(f"{path.name}: {p.path}", p.message) for p in exc.problems]
+        ) from None
+    backends = tuple(
+        BackendModel(**{**table.model_dump(), "name": table.name or f"b{i + 1}"})
+        for i, table in enumerate(scenario.backends)
+    )
+    outlier = scenario.outlier_detection
     return Scenario(
-        name=str(data.get("name", path.stem)),
-        description=str(data.get("description", f"from {path.name}")),
-        backends=tuple(backends),
-        load=float(load),
-        hot_keys=hot_keys,
-        algorithm_options=options,
-        outlier_detection=data.get("outlier_detection"),
+        name=scenario.name or path.stem,
+        description=scenario.description or f"from {path.name}",
+        backends=backends,
+        load=scenario.load,
+        hot_keys=scenario.hot_keys,
+        algorithm_options=scenario.algorithms,
+        outlier_detection=None if outlier is None else outlier.model_dump(),
     )
 
 

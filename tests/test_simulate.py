@@ -139,7 +139,7 @@ def test_scenario_file_errors_name_the_key(tmp_path: Path) -> None:
     for expected in (
         "bad.toml: load: must be a share of capacity in (0, 1), got 1.5",
         "bad.toml: speed: unknown key",
-        "bad.toml: backends[0].slots: must be positive, got 0",
+        "bad.toml: backends[0].slots: must be a positive integer, got 0",
         "bad.toml: backends[0].distribution: must be one of",
         "bad.toml: backends[1].failure_rate: must be in [0, 1)",
         "bad.toml: backends[1].colour: unknown key",
