@@ -141,7 +141,7 @@ class Coordinator:
                     _admin_key(pool.name), change.url, json.dumps(admin_state(pool, change.url))
                 )
             client.publish(CHANNEL, self._message(pool.name, change))
-        except Exception as exc:
+        except Exception as exc:  # the store failed: see _trouble
             self._trouble("could not share a change", exc)
 
     def _message(self, pool: str, change: Change) -> str:
@@ -162,7 +162,7 @@ class Coordinator:
                     await client.hset(_admin_key(name), change.url, json.dumps(state))
                 await client.publish(CHANNEL, self._message(name, change))
                 self._recovered()
-            except Exception as exc:
+            except Exception as exc:  # the store failed: see _trouble
                 self._trouble("could not share a change", exc)
 
     async def _count(self, client: Any, pool: Pool, change: Change) -> None:
@@ -190,7 +190,7 @@ class Coordinator:
                 async for message in pubsub.listen():
                     if message.get("type") == "message":
                         self._apply(message["data"])
-            except Exception as exc:
+            except Exception as exc:  # the store failed: see _trouble
                 self._trouble("lost the change channel", exc)
                 await _close_quietly(pubsub)
             await asyncio.sleep(RESUBSCRIBE_DELAY)
@@ -221,7 +221,7 @@ class Coordinator:
             try:
                 await self.reconcile()
                 self._recovered()
-            except Exception as exc:
+            except Exception as exc:  # the store failed: see _trouble
                 self._trouble("could not read the shared state", exc)
 
     # --- health checks -----------------------------------------------------------
@@ -234,7 +234,7 @@ class Coordinator:
             taken = await self.store.async_client().set(
                 key, self.id, nx=True, px=max(1, int(interval * LEASE_SHARE * 1000))
             )
-        except Exception as exc:
+        except Exception as exc:  # the store failed: see _trouble
             self._trouble("could not take a health-check lease", exc)
             return None
         self._recovered()
@@ -265,7 +265,7 @@ class Coordinator:
             mapping = {"s": successes, "f": failures, "healthy": "1" if healthy else "0"}
             await client.hset(key, mapping=mapping)
             await client.pexpire(key, int(interval * (rise + fall + 2) * 1000))
-        except Exception as exc:
+        except Exception as exc:  # the store failed: see _trouble
             self._trouble("could not record a health check", exc)
             return None
         return healthy
@@ -276,7 +276,7 @@ class Coordinator:
             value = await self.store.async_client().hget(
                 _health_key(pool.name, backend.url), "healthy"
             )
-        except Exception as exc:
+        except Exception as exc:  # the store failed: see _trouble
             self._trouble("could not read a health verdict", exc)
             return None
         return None if value is None else value == "1"
@@ -288,7 +288,7 @@ class Coordinator:
         self._queue = asyncio.Queue()
         try:
             await self.reconcile()  # join with the state the others made
-        except Exception as exc:
+        except Exception as exc:  # the store failed: see _trouble
             self._trouble("could not read the shared state", exc)
         self._tasks = [
             self._loop.create_task(self._publisher()),
@@ -308,6 +308,9 @@ class Coordinator:
         self._loop = self._queue = None
 
     def _trouble(self, what: str, exc: BaseException) -> None:
+        # Every store operation here is a boundary: redis-py, the socket or a
+        # malformed value may fail in any way, and none of it may stop this
+        # process balancing on what it knows. Said once per outage.
         if not self._failing:  # once per outage, not once per operation
             self._failing = True
             logger.error("balancekit: %s through %s: %s; going on alone", what, self.store, exc)

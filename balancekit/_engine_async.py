@@ -18,6 +18,7 @@ from ._exceptions import NoEligibleBackend, ProxyError, UpstreamProtocolError
 from ._exchange import (
     Attempts,
     ClientDisconnected,
+    RequestBodyBase,
     caused_by_client,
     log_access,
     valid_status,
@@ -40,28 +41,18 @@ logger = logging.getLogger("balancekit")
 DISCONNECT_WATCH_DELAY = 0.05
 
 
-class RequestBody:
-    """The client's body, pulled from ``receive`` as the upstream asks for it.
+class RequestBody(RequestBodyBase):
+    """The client's body, pulled from ``receive`` as the upstream asks for it;
+    ``buffer(limit)`` reads up to ``limit`` bytes ahead, before any backend
+    is picked."""
 
-    ``buffer(limit)`` reads up to ``limit`` bytes ahead (the pool's
-    ``request_buffer``), before any backend is picked. ``replayable`` tells
-    whether the body can still go to another backend on a retry: none of
-    it consumed yet, or all of it buffered.
-    """
-
-    __slots__ = ("_buffered", "_on_complete", "_receive", "done", "started", "whole")
+    __slots__ = ("_on_complete", "_receive", "done")
 
     def __init__(self, receive: Receive, on_complete: Callable[[], None]) -> None:
+        super().__init__()
         self._receive = receive
         self._on_complete = on_complete
-        self._buffered: list[bytes] = []
-        self.started = False
         self.done = False
-        self.whole = False  # read into _buffered to its end
-
-    @property
-    def replayable(self) -> bool:
-        return self.whole or not self.started
 
     async def _next(self) -> bytes:
         message = await self._receive()

@@ -17,6 +17,7 @@ from ._exceptions import NoEligibleBackend, ProxyError, UpstreamProtocolError
 from ._exchange import (
     Attempts,
     ClientDisconnected,
+    RequestBodyBase,
     caused_by_client,
     log_access,
     valid_status,
@@ -77,30 +78,21 @@ def text_headers(headers: RawHeaders) -> list[tuple[str, str]]:
     return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers]
 
 
-class RequestBody:
+class RequestBody(RequestBodyBase):
     """The client's body, read from ``wsgi.input`` as the upstream takes it.
 
     ``length`` is the Content-Length, or None for a chunked body that the
     server ends for us (``wsgi.input_terminated``). ``buffer(limit)`` reads
-    up to ``limit`` bytes ahead (the pool's ``request_buffer``) before a
-    backend is picked. ``replayable`` tells whether the body can still go to
-    another backend on a retry: none of it consumed yet, or all of it
-    buffered.
+    up to ``limit`` bytes ahead before a backend is picked.
     """
 
-    __slots__ = ("_buffered", "_input", "_left", "length", "started", "whole")
+    __slots__ = ("_input", "_left", "length")
 
     def __init__(self, stream: Any, length: int | None) -> None:
+        super().__init__()
         self._input = stream
         self.length = length
         self._left = length  # None: read to the end the server gives
-        self._buffered: list[bytes] = []
-        self.started = False
-        self.whole = False
-
-    @property
-    def replayable(self) -> bool:
-        return self.whole or not self.started
 
     def _read(self) -> bytes:
         """The next part of the body; b"" at its end."""
@@ -233,7 +225,7 @@ class SyncEngine:
                     if persistence is not None and backend is not pinned:
                         response_headers += persistence.remember(request, backend, pool)
                     start_response(status_line(response.status), text_headers(response_headers))
-                except BaseException:
+                except BaseException:  # released, then raised again
                     relay.close()
                     raise
                 return relay

@@ -78,6 +78,24 @@ def refusal_status(problem: str) -> int:
     return 431 if problem is HEADERS_TOO_LARGE else 400
 
 
+class RequestBodyBase:
+    """What both engines' request bodies keep: the part read ahead (the
+    pool's ``request_buffer``) and whether the body can still go to another
+    backend on a retry (``replayable``): none of it consumed yet, or all of
+    it buffered. Each engine's subclass reads its server's input."""
+
+    __slots__ = ("_buffered", "started", "whole")
+
+    def __init__(self) -> None:
+        self._buffered: list[bytes] = []
+        self.started = False
+        self.whole = False  # read into _buffered to its end
+
+    @property
+    def replayable(self) -> bool:
+        return self.whole or not self.started
+
+
 class ClientDisconnected(Exception):
     """The client went away (or sent less than it announced) while its
     request body was being read: it says nothing of the backend."""

@@ -77,7 +77,7 @@ async def proxy_websocket(
             max_msg_size=0,
             timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0),
         )
-    except BaseException as exc:
+    except BaseException as exc:  # counted whatever it was, then raised again unless aiohttp's
         # Counted before the client hears of it, whatever went wrong.
         pool.release(backend, ok=False, latency_ms=(time.perf_counter() - started) * 1000)
         if not isinstance(exc, AIOHTTP_ERRORS):

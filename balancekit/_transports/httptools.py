@@ -393,7 +393,7 @@ class HttptoolsTransport:
                     raise UpstreamError.closed() from None
                 conn = None
                 continue
-            except BaseException:
+            except BaseException:  # the connection dropped, then raised again
                 conn.close()
                 raise
             return HttptoolsResponse(conn, timeouts.read, pooled, method_raw == b"HEAD")

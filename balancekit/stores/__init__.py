@@ -123,13 +123,13 @@ class GuardedStore:
     def close(self) -> None:
         try:
             self.store.close()
-        except Exception:
+        except Exception:  # at shutdown: nothing left to protect
             logger.debug("store %s failed to close", _safe_url(self.url), exc_info=True)
 
     async def aclose(self) -> None:
         try:
             await self.store.aclose()
-        except Exception:
+        except Exception:  # at shutdown: nothing left to protect
             logger.debug("store %s failed to close", _safe_url(self.url), exc_info=True)
 
 
