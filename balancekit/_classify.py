@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ._exchange import inspect_request, refusal_status
+from ._engine_core import inspect_request, refusal_status
 from ._forwarding import upstream_request_headers
 from ._problem import problem
 from ._request import RequestInfo

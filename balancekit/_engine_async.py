@@ -14,8 +14,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
-from ._exceptions import NoEligibleBackend, ProxyError, UpstreamProtocolError
-from ._exchange import (
+from ._engine_core import (
     Attempts,
     ClientDisconnected,
     RequestBodyBase,
@@ -24,6 +23,7 @@ from ._exchange import (
     valid_status,
     with_host,
 )
+from ._exceptions import NoEligibleBackend, ProxyError, UpstreamProtocolError
 from ._forwarding import downstream_response_headers
 from ._problem import error_problem
 from ._transports import make_async_transport

@@ -1,7 +1,7 @@
 """The sync proxy engine: one routed WSGI request in, one upstream exchange out.
 
 The twin of the async engine over the same decision core
-(:mod:`balancekit._exchange`): the request body is read from
+(:mod:`balancekit._engine_core`): the request body is read from
 ``wsgi.input`` a chunk at a time as the upstream takes it, and the
 response is a WSGI iterable that hands on each upstream chunk as it
 arrives. The server's thread blocks on the upstream; nothing else does.
@@ -13,8 +13,7 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from ._exceptions import NoEligibleBackend, ProxyError, UpstreamProtocolError
-from ._exchange import (
+from ._engine_core import (
     Attempts,
     ClientDisconnected,
     RequestBodyBase,
@@ -23,6 +22,7 @@ from ._exchange import (
     valid_status,
     with_host,
 )
+from ._exceptions import NoEligibleBackend, ProxyError, UpstreamProtocolError
 from ._forwarding import downstream_response_headers
 from ._problem import error_problem, problem, status_line
 from ._transports import make_sync_transport
@@ -165,7 +165,7 @@ class SyncEngine:
                 detail = "a request body needs Content-Length here"
                 return respond(start_response, *problem(411, detail, close=True))
         try:
-            return self._exchange(routed, body, start_response)
+            return self._proxy(routed, body, start_response)
         except ClientDisconnected:
             # Nobody reads this answer; the server needs one all the same.
             return respond(start_response, 400, [(b"connection", b"close")], b"")
@@ -175,7 +175,7 @@ class SyncEngine:
             error = ProxyError(pool=pool)
             return respond(start_response, *error_problem(error))
 
-    def _exchange(
+    def _proxy(
         self, routed: Routed, body: RequestBody | None, start_response: StartResponse
     ) -> WSGIResponse:
         pool, request, target = routed.pool, routed.request, routed.target

@@ -41,7 +41,7 @@ from urllib.parse import unquote
 
 import httptools
 
-from ._exchange import MAX_HEADER_BYTES, MAX_HEADER_COUNT
+from ._engine_core import MAX_HEADER_BYTES, MAX_HEADER_COUNT
 from ._problem import problem, status_line
 from ._types import Message
 

@@ -32,7 +32,7 @@ import httptools
 # and add nothing the harness wants coverage of.
 with atheris.instrument_imports(include=["balancekit"]):
     from balancekit import Balancer
-    from balancekit._exchange import inspect_request
+    from balancekit._engine_core import inspect_request
     from balancekit._forwarding import HOP_BY_HOP_HEADERS, upstream_request_headers
     from balancekit._routing import BadPath, normalize_path
 

@@ -40,7 +40,7 @@ CORE = [
     "balancekit/_backend.py",
     "balancekit/_pool.py",
     "balancekit/_decision.py",
-    "balancekit/_exchange.py",
+    "balancekit/_engine_core.py",
     "balancekit/_classify.py",
 ]
 ABOVE_THE_MODEL = {"balancekit._balancer", "balancekit.asgi", "balancekit.wsgi", "balancekit.cli"}

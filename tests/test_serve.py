@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from balancekit._exchange import MAX_HEADER_COUNT
+from balancekit._engine_core import MAX_HEADER_COUNT
 from tests.conftest import closed_port_url, free_port
 from tests.test_commands import Running, started, wait_until_serving
 
