@@ -217,7 +217,7 @@ class Balancer:
         self,
         method: str,
         raw_path: str,
-        headers: RawHeaders,
+        headers: RawHeaders | Callable[[], RawHeaders],
         *,
         query: str = "",
         client_ip: str = "",
@@ -229,20 +229,14 @@ class Balancer:
         first, with no I/O (see :mod:`balancekit.adapter`).
 
         ``raw_path`` is the path as the client sent it, percent-encoding
-        kept; ``headers`` the raw header pairs (lower-case names);
+        kept; ``headers`` the raw header pairs (lower-case names), or a
+        function that builds them, called only for a request that is routed
+        (a WSGI adapter's, from its environ: most requests are not ours);
         ``http_version`` as ASGI gives it. An adapter that routed the
         request itself (Flask's ``kit.proxy`` views) passes its ``route``.
         """
         return classify(
-            self._model,
-            method,
-            raw_path,
-            headers,
-            query=query,
-            client_ip=client_ip,
-            scheme=scheme,
-            http_version=http_version,
-            route=route,
+            self._model, method, raw_path, headers, query, client_ip, scheme, http_version, route
         )
 
     def route_for(self, path: str) -> Route | None:

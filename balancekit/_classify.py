@@ -18,6 +18,7 @@ method and header plugs in at the route match.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -74,16 +75,7 @@ class Routed:
     ``has_body`` whether the request framing announces a body.
     """
 
-    __slots__ = (
-        "access_log",
-        "has_body",
-        "headers",
-        "pool",
-        "raw_path",
-        "request",
-        "route",
-        "target",
-    )
+    __slots__ = ("access_log", "has_body", "headers", "pool", "request", "route", "target")
 
     def __init__(
         self,
@@ -92,14 +84,12 @@ class Routed:
         request: RequestInfo,
         raw_path: str,
         headers: RawHeaders,
-        *,
         has_body: bool,
         access_log: bool,
     ) -> None:
         self.route = route
         self.pool = pool
         self.request = request
-        self.raw_path = raw_path
         query = request.query
         self.target = route.upstream_path(raw_path) + (f"?{query}" if query else "")
         self.headers = headers
@@ -129,15 +119,15 @@ def classify(
     model: Model,
     method: str,
     raw_path: str,
-    headers: RawHeaders,
-    *,
+    headers: RawHeaders | Callable[[], RawHeaders],
     query: str,
     client_ip: str,
     scheme: str,
     http_version: str,
     route: Route | None,
 ) -> Classification:
-    """See :meth:`balancekit.Balancer.classify`."""
+    """See :meth:`balancekit.Balancer.classify` (positional: it is on every
+    request's path)."""
     try:
         upstream_path, path = normalize_path(raw_path)
     except (BadPath, UnicodeDecodeError) as exc:
@@ -156,6 +146,8 @@ def classify(
     pool = model.pools.get(route.pool)
     if pool is None:  # an adapter's own route, to a pool a reload removed
         return Refuse(*problem(503, "no such pool", pool=route.pool))
+    if callable(headers):
+        headers = headers()
     has_body, refused = inspect_request(headers, http_version)
     if refused is not None:
         return Refuse(*problem(refusal_status(refused), f"refused: {refused}", close=True))
@@ -169,12 +161,4 @@ def classify(
         trusted=client_ip in model.trusted_proxies,
         host=None if pool.config.preserve_host else b"",
     )
-    return Routed(
-        route,
-        pool,
-        request,
-        upstream_path,
-        forwarded,
-        has_body=has_body,
-        access_log=model.access_log,
-    )
+    return Routed(route, pool, request, upstream_path, forwarded, has_body, model.access_log)

@@ -89,7 +89,7 @@ def classify_environ(
     return balancer.classify(
         environ.get("REQUEST_METHOD", "GET"),
         request_path(environ),
-        environ_headers(environ),
+        lambda: environ_headers(environ),
         query=environ.get("QUERY_STRING", ""),
         client_ip=environ.get("REMOTE_ADDR", ""),
         scheme=environ.get("wsgi.url_scheme", "http"),
