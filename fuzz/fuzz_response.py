@@ -41,7 +41,7 @@ def one_input(data: bytes) -> None:
     cut = data[0] % max(len(data), 1)
     payload = data[1:]
     ours, theirs = socket.socketpair()
-    conn = _Connection(LOOP)
+    conn = _Connection(LOOP, memoryview(bytearray(1024)))
     transport, _ = LOOP.run_until_complete(LOOP.connect_accepted_socket(lambda: conn, sock=ours))
     try:
         conn.start()

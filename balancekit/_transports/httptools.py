@@ -61,34 +61,23 @@ class _Stale(Exception):
     """A reused connection died before any byte of an answer."""
 
 
-#: Bytes read from an upstream socket at once, into one buffer per event loop.
+#: Bytes read from an upstream socket at once.
 READ_SIZE = 64 * 1024
-
-_read_buffers: dict[asyncio.AbstractEventLoop, memoryview] = {}
-
-
-def _read_buffer(loop: asyncio.AbstractEventLoop) -> memoryview:
-    """The loop's read buffer. One is enough for all its connections: each
-    read is parsed (and its body copied out) in the callback that made it."""
-    buffer = _read_buffers.get(loop)
-    if buffer is None:
-        buffer = _read_buffers[loop] = memoryview(bytearray(READ_SIZE))
-        if len(_read_buffers) > 64:  # loops come and go in tests: keep the newest
-            del _read_buffers[next(iter(_read_buffers))]
-    return buffer
 
 
 class _Connection(asyncio.BufferedProtocol):
     """One upstream connection; one exchange at a time.
 
-    A buffered protocol: the loop reads into the loop's buffer instead of
+    A buffered protocol: the loop reads into ``buffer`` instead of
     allocating a 256 KiB ``bytes`` per read (which glibc serves with an
-    mmap/munmap pair in some processes: three syscalls per response).
+    mmap/munmap pair in some processes: three syscalls per response). The
+    transport's connections share one: they live in one event loop, and
+    each read is parsed (its body copied out) in the callback that made it.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, buffer: memoryview) -> None:
         self.loop = loop
-        self._buffer = _read_buffer(loop)
+        self._buffer = buffer
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
@@ -337,8 +326,10 @@ class HttptoolsTransport:
     name = "httptools"
 
     def __init__(self) -> None:
+        # One transport serves one event loop (an engine's, a health check's).
         self._idle: dict[tuple[str, int, bool], collections.deque[_Connection]] = {}
         self._tls: ssl.SSLContext | None = None
+        self._read_buffer = memoryview(bytearray(READ_SIZE))
 
     def _checkout(
         self, key: tuple[str, int, bool]
@@ -362,7 +353,7 @@ class HttptoolsTransport:
         try:
             async with asyncio.timeout(timeouts.connect):  # see drain: not wait_for
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(loop),
+                    lambda: _Connection(loop, self._read_buffer),
                     backend.host,
                     backend.port,
                     ssl=self._tls if tls else None,
