@@ -12,7 +12,10 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._backend import Backend
 
 
 class Op(enum.StrEnum):
@@ -81,3 +84,17 @@ class Change:
                 raise ValueError(f"change {op!r}: {name} must be {kind.__name__}, got {value!r}")
             fields[name] = value
         return cls(op, url, **fields)
+
+
+def toward_flags(backend: Backend, *, enabled: bool, draining: bool) -> list[Change]:
+    """The changes that bring ``backend`` to an operator's ``enabled`` and
+    ``draining`` flags, as a shared store or a database keeps them (a
+    disabled backend asked to drain is enabled first: ``drain`` alone keeps
+    a disabled backend disabled)."""
+    url = backend.url
+    if not enabled:
+        return [Change(Op.DISABLE, url)]
+    if not draining:
+        return [Change(Op.ENABLE, url)]
+    enable = [] if backend.enabled else [Change(Op.ENABLE, url)]
+    return [*enable, Change(Op.DRAIN, url)]

@@ -35,7 +35,7 @@ import os
 import socket
 from typing import TYPE_CHECKING, Any
 
-from ._changes import ADMIN_OPS, COUNTING_OPS, Change, Op
+from ._changes import ADMIN_OPS, COUNTING_OPS, Change, Op, toward_flags
 
 if TYPE_CHECKING:
     from ._backend import Backend
@@ -98,12 +98,14 @@ def changes_towards(pool: Pool, url: str, state: dict[str, Any]) -> list[Change]
         changes.append(Change(Op.ADD, url, weight=weight, backup=bool(state["backup"])))
     elif backend.weight != weight:
         changes.append(Change(Op.WEIGHT, url, weight=weight))
-    if not state["enabled"]:
+    if backend is not None:
+        changes += toward_flags(
+            backend, enabled=bool(state["enabled"]), draining=bool(state["draining"])
+        )
+    elif not state["enabled"]:
         changes.append(Change(Op.DISABLE, url))
     elif state["draining"]:
         changes.append(Change(Op.DRAIN, url))
-    else:
-        changes.append(Change(Op.ENABLE, url))
     return changes
 
 

@@ -24,7 +24,7 @@ ASGI one with ``await balancer.engine().handle(verdict, scope, receive, send)``.
 from __future__ import annotations
 
 from ._balancer import ConfigInput
-from ._changes import Change, Op
+from ._changes import Change, Op, toward_flags
 from ._classify import PASS, Classification, Pass, Refuse, Routed, Status
 from ._config import validate_backend, with_default_secret
 from ._exceptions import Problem
@@ -42,6 +42,7 @@ __all__ = [
     "Route",
     "Routed",
     "Status",
+    "toward_flags",
     "validate_backend",
     "with_default_secret",
 ]

@@ -19,7 +19,7 @@ from django.conf import settings
 from django.db import close_old_connections
 
 from balancekit import Balancer, BalancerConfig, ConfigError
-from balancekit.adapter import Change, Op, with_default_secret
+from balancekit.adapter import toward_flags, with_default_secret
 
 logger = logging.getLogger("balancekit")
 
@@ -137,14 +137,8 @@ class Runtime:
             if backend is None:
                 continue
             # Not announced: every process reads the same rows.
-            if not flags["enabled"]:
-                pool.apply(Change(Op.DISABLE, url))
-            elif flags["draining"]:
-                if not backend.enabled:  # straight from disabled to draining
-                    pool.apply(Change(Op.ENABLE, url))
-                pool.apply(Change(Op.DRAIN, url))
-            else:
-                pool.apply(Change(Op.ENABLE, url))
+            for change in toward_flags(backend, **flags):
+                pool.apply(change)
         self.version = version
         return True
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from balancekit import Balancer
-from balancekit._changes import Change, Op
+from balancekit._changes import Change, Op, toward_flags
 
 URL = "http://127.0.0.1:9001"
 
@@ -67,3 +67,31 @@ def test_apply_is_idempotent_and_skips_unknown_backends() -> None:
     assert changes == [], "an applied change is never announced again"
     pool.drain("http://127.0.0.1:9002")
     assert changes == [Change(Op.DRAIN, "http://127.0.0.1:9002")]
+
+
+@pytest.mark.parametrize(
+    ("start", "flags", "ends"),
+    [
+        ("enabled", {"enabled": False, "draining": False}, "disabled"),
+        ("enabled", {"enabled": True, "draining": True}, "draining"),
+        ("disabled", {"enabled": True, "draining": True}, "draining"),
+        ("draining", {"enabled": True, "draining": False}, "healthy"),
+        ("disabled", {"enabled": True, "draining": False}, "healthy"),
+    ],
+)
+def test_toward_flags_brings_a_backend_to_an_operators_flags(
+    start: str, flags: dict[str, bool], ends: str
+) -> None:
+    balancer = Balancer({"pools": {"api": {"backends": [URL]}}})
+    pool = balancer.pools["api"]
+    if start == "disabled":
+        pool.disable(URL)
+    elif start == "draining":
+        pool.drain(URL)
+    backend = pool.backends[0]
+    for change in toward_flags(backend, **flags):
+        pool.apply(change)
+    assert backend.state.value == ends
+    assert backend.enabled is flags["enabled"]
+    if flags["enabled"]:  # a disabled backend keeps whatever draining said before
+        assert backend.draining is flags["draining"]
