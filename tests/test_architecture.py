@@ -67,7 +67,7 @@ def test_framework_adapters_import_only_public_modules(path: Path) -> None:
     assert not private, f"{path.relative_to(ROOT)} imports private modules: {private}"
 
 
-def test_the_checker_sees_relative_and_type_only_imports(tmp_path: Path) -> None:
+def test_the_checker_sees_relative_and_type_only_imports() -> None:
     # The rules above are only as good as imported(): it must resolve
     # "from .._balancer import X" and look inside TYPE_CHECKING blocks.
     names = imported(ROOT / "balancekit/_transports/httptools.py")

@@ -4,12 +4,15 @@ stale connections, interim answers, bodies ended by close, HEAD."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
+from balancekit._transports.httptools import _Connection
 from tests.helpers import balanced
 from tests.upstreams import ScriptedUpstream, SocketServer
 
@@ -62,13 +65,19 @@ def test_one_upstream_connection_serves_many_requests(serve, counting) -> None:
 @pytest.mark.parametrize("method", ["GET", "POST"])
 def test_a_connection_the_backend_closed_is_not_a_failed_request(serve, scripted, method) -> None:
     # The backend answers without "Connection: close" and then closes: a
-    # pooled connection is dead by the next request, found so before the
-    # request is written, so even a POST may go on a fresh one.
+    # pooled connection is dead by the next request. A GET found dead even
+    # after it was written goes again; a POST only when the close was seen
+    # first, so its requests wait for the close to arrive (back to back, the
+    # close can come after the write: a 502, as NGINX answers it).
     upstream = ScriptedUpstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     scripted.append(upstream)
     server, balancer = balanced(serve, [upstream.url], engine="httptools")
+    pause = 0.05 if method == "POST" else 0.0
+    answers = []
     with httpx.Client(base_url=server.url) as client:
-        answers = [client.request(method, "/api/x") for _ in range(10)]
+        for _ in range(10):
+            answers.append(client.request(method, "/api/x"))
+            time.sleep(pause)
     assert [(a.status_code, a.text) for a in answers] == [(200, "ok")] * 10
     assert balancer.pools["api"].backends[0].failures_total == 0
 
@@ -113,3 +122,35 @@ def test_several_set_cookie_headers_and_odd_header_case(serve, scripted) -> None
     answer = httpx.get(f"{server.url}/api/x")
     assert answer.headers.get_list("set-cookie") == ["a=1", "b=2"]
     assert answer.headers["x-odd-case"] == "yes"
+
+
+def test_a_close_the_loop_has_not_seen_yet_is_found_before_a_write() -> None:
+    # The peer's FIN is in the kernel but no loop iteration ran: closed is
+    # still False, dropped() must say so (what keeps a POST from a dead
+    # connection when the close and the next request arrive together).
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def close_the_peer_and_wait() -> None:
+        # Plain blocking calls, on purpose: the loop must not run meanwhile.
+        peer, _ = listener.accept()
+        peer.close()  # the FIN goes out now
+        time.sleep(0.1)
+
+    async def main() -> tuple[bool, bool, bool]:
+        loop = asyncio.get_running_loop()
+        _, conn = await loop.create_connection(
+            lambda: _Connection(loop, memoryview(bytearray(1024))), "127.0.0.1", port
+        )
+        alive = conn.dropped()
+        close_the_peer_and_wait()
+        seen_closed, dropped = conn.closed, conn.dropped()
+        conn.close()
+        return alive, seen_closed, dropped
+
+    try:
+        alive, seen_closed, dropped = asyncio.run(main())
+    finally:
+        listener.close()
+    assert not alive
+    assert not seen_closed and dropped
