@@ -1,20 +1,28 @@
-"""Least response time: the lowest moving average (EWMA) of response time.
+"""Least response time: the lowest moving average (EWMA) of response time,
+weighed by the requests in flight.
 
-Backends without a sample are tried first, in turn. Failures are recorded
-as slow answers by the core, so a backend that fails fast does not attract
-traffic. A sample ages: the average used here decays toward zero with the
-time since it was taken (half-life ``decay`` seconds), so a backend that was
-slow once is tried again later and can win back traffic when it recovered,
-instead of being judged on a stale sample forever (as Finagle's and
-Linkerd's peak-EWMA decay).
+A backend's score is ``ewma x (active_requests + 1)``, as NGINX's
+``least_time`` weighs the time with the active connections: the average
+alone herds, sending every new request to whichever backend looked fastest
+a moment ago until its average catches up. Backends without a sample are
+tried first, in turn. Failures are recorded as slow answers by the core,
+so a backend that fails fast does not attract traffic. A sample ages: the
+average used here decays toward zero with the time since it was taken
+(half-life ``decay`` seconds), so a backend that was slow once is tried
+again later and can win back traffic when it recovered, instead of being
+judged on a stale sample forever (as Finagle's and Linkerd's peak-EWMA
+decay).
 
-No scan per pick: the decayed value is ``ewma x 2^(-(now - at) / decay)``,
-and the factor ``2^(-now / decay)`` is common to every backend, so the order
-of backends is that of ``log2(ewma) + at / decay``, which changes only when a
-backend records a sample. The backends sit in a heap by that key, updated
-when a request ends (O(log N)); a pick reads the top. A call with another
-sequence than the pool's current eligible tuple (a retry excluding the
-backend that failed) scans that subset instead.
+No scan per pick: the decayed score is
+``ewma x 2^(-(now - at) / decay) x (active + 1)``, and the factor
+``2^(-now / decay)`` is common to every backend, so the order of backends
+is that of ``log2(ewma) + at / decay + log2(active + 1)``, which changes
+only when a request starts or ends on a backend. The backends sit in a
+heap by that key, pushed again from the pool's ``acquired`` and
+``released`` feedback (O(log N); superseded entries are skipped); a pick
+reads the top. A call with another sequence than the pool's current
+eligible tuple (a retry excluding the backends already tried, or some at
+``max_connections``) scans that subset instead, by the same score.
 """
 
 from __future__ import annotations
@@ -39,6 +47,13 @@ def effective_latency(backend: Backend, now: float, half_life: float) -> float:
     return ewma * 0.5 ** (age / half_life) if age > 0 else ewma
 
 
+def load_score(backend: Backend, now: float, half_life: float) -> float:
+    """``effective_latency x (active_requests + 1)``; -1 for a backend
+    without a sample (it goes first, whatever its load)."""
+    latency = effective_latency(backend, now, half_life)
+    return latency if latency < 0 else latency * (backend.active_requests + 1)
+
+
 class LeastResponseTime(Algorithm):
     name = "least_response_time"
 
@@ -57,7 +72,11 @@ class LeastResponseTime(Algorithm):
         self._sequence = 0
 
     def _key(self, backend: Backend, ewma: float) -> float:
-        return math.log2(max(ewma, 1e-9)) + backend.latency_at / self.decay
+        return (
+            math.log2(max(ewma, 1e-9))
+            + backend.latency_at / self.decay
+            + math.log2(backend.active_requests + 1)
+        )
 
     def prepare(self, backends: Sequence[Backend]) -> None:
         self._backends = backends
@@ -72,7 +91,14 @@ class LeastResponseTime(Algorithm):
         self._current[backend] = sequence
         return None if ewma is None else (self._key(backend, ewma), sequence, backend)
 
+    def acquired(self, backend: Backend) -> None:
+        self._update(backend)
+
     def released(self, backend: Backend) -> None:
+        self._update(backend)
+
+    def _update(self, backend: Backend) -> None:
+        # Its in-flight count or its average moved: push it again by its new key.
         if backend not in self._current or backend.latency_ewma_ms is None:
             return  # not eligible now, or no sample yet
         self._unsampled.pop(backend, None)
@@ -88,9 +114,7 @@ class LeastResponseTime(Algorithm):
 
     def pick(self, backends: Sequence[Backend], request: RequestInfo) -> Backend:
         if backends is not self._backends:
-            if not isinstance(backends, tuple):
-                return self._scan(backends)
-            self.prepare(backends)
+            return self._scan(backends)
         unsampled = self._unsampled
         if unsampled:
             backend = next(iter(unsampled))
@@ -109,10 +133,10 @@ class LeastResponseTime(Algorithm):
         start = self._start % count
         self._start = start + 1
         best = backends[start]
-        best_score = effective_latency(best, now, self.decay)
+        best_score = load_score(best, now, self.decay)
         for i in range(start + 1, start + count):
             backend = backends[i % count]
-            score = effective_latency(backend, now, self.decay)
+            score = load_score(backend, now, self.decay)
             if score < best_score:
                 best, best_score = backend, score
         return best
