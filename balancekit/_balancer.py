@@ -24,7 +24,7 @@ from ._exceptions import ConfigError, Problem
 from ._forwarding import TrustedProxies
 from ._plugins import PluginManager, build_plugin, make_plugin_manager
 from ._pool import Pool
-from ._routing import Route, RouteTable
+from ._routing import Route, RouteTable, route_from_config
 from .metrics import Metrics, available as metrics_available
 from .stores import GuardedStore, MemoryStore, RedisStore
 
@@ -72,9 +72,7 @@ class Balancer:
         self.config = load_config(config if config is not None else {})
         self.plugins = plugin_manager or make_plugin_manager()
         self.trusted_proxies = TrustedProxies(self.config.trusted_proxies)
-        self.routes = RouteTable(
-            Route(r.prefix, r.pool, r.strip_prefix) for r in self.config.routes
-        )
+        self.routes = _route_table(self.config)
         problems: list[Problem] = []
         store = self._build_store(problems)
         #: The configured store behind its guard: an outage never fails a request.
@@ -386,7 +384,7 @@ class Balancer:
         with self._lock:
             self.config = new
             self.trusted_proxies = TrustedProxies(new.trusted_proxies)
-            self.routes = RouteTable(Route(r.prefix, r.pool, r.strip_prefix) for r in new.routes)
+            self.routes = _route_table(new)
             self.pools = pools
             self._model = self._make_model()
             loops = [loop for loop in self._schedulers if not loop.is_closed()]
@@ -475,3 +473,7 @@ def balancer_from(config: ConfigInput | None, balancer: Balancer | None) -> Bala
     if config is None:
         raise TypeError("balancekit needs config= (a dict or a TOML path) or balancer=")
     return Balancer(config)
+
+
+def _route_table(config: BalancerConfig) -> RouteTable:
+    return RouteTable(route_from_config(r, config.pools) for r in config.routes)

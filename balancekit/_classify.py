@@ -12,8 +12,8 @@ Every adapter (the ASGI and WSGI middlewares, Django's, Flask's, and so
   see it, the upstream target and the headers to forward, all worked out
   here so that an engine only moves bytes.
 
-The order of the checks is the order of :func:`classify`; routing by host,
-method and header plugs in at the route match.
+The order of the checks is the order of :func:`classify`; the route match
+reads the headers only when a route has a host, method or header condition.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from ._request import RequestInfo
 from ._routing import BadPath, normalize_path
 
 if TYPE_CHECKING:
+    from ._config import RetriesConfig, TimeoutsConfig
     from ._forwarding import TrustedProxies
     from ._pool import Pool
     from ._routing import Route, RouteTable
@@ -68,14 +69,26 @@ class Status:
 class Routed:
     """A request to proxy, with everything the engines need worked out.
 
-    ``request`` is what algorithms and persistence see; ``target`` the
-    upstream request target (the route's upstream path and the query);
-    ``headers`` the forwarded header block, Host first (the backend's is
-    put in its place per try unless the pool preserves the client's);
-    ``has_body`` whether the request framing announces a body.
+    ``request`` is what algorithms and persistence see; ``pool`` the pool
+    the route (or its split) chose; ``target`` the upstream request target
+    (the route's upstream path and the query); ``headers`` the forwarded
+    header block, Host first (the backend's is put in its place per try
+    unless the pool preserves the client's); ``has_body`` whether the
+    request framing announces a body; ``timeouts`` and ``retries`` the
+    pool's terms, or the route's where it overrides them.
     """
 
-    __slots__ = ("access_log", "has_body", "headers", "pool", "request", "route", "target")
+    __slots__ = (
+        "access_log",
+        "has_body",
+        "headers",
+        "pool",
+        "request",
+        "retries",
+        "route",
+        "target",
+        "timeouts",
+    )
 
     def __init__(
         self,
@@ -95,6 +108,12 @@ class Routed:
         self.headers = headers
         self.has_body = has_body
         self.access_log = access_log
+        terms = route.terms.get(pool.name) if route.terms else None
+        if terms is None:
+            self.timeouts: TimeoutsConfig = pool.timeouts
+            self.retries: RetriesConfig = pool.retries
+        else:
+            self.timeouts, self.retries = terms
 
     def __repr__(self) -> str:
         return f"Routed({self.request.method} {self.target!r} -> pool {self.pool.name!r})"
@@ -140,12 +159,15 @@ def classify(
         status = model.status
         if status is not None and status.matches(path):
             return Status(path)
-        route = model.routes.match(path)
+        routes = model.routes
+        if routes.needs_headers:  # a host, method or header decides
+            if callable(headers):
+                headers = headers()
+            route = routes.match(path, method, headers)
+        else:
+            route = routes.match(path)
         if route is None:
             return PASS
-    pool = model.pools.get(route.pool)
-    if pool is None:  # an adapter's own route, to a pool a reload removed
-        return Refuse(*problem(503, "no such pool", pool=route.pool))
     if callable(headers):
         headers = headers()
     has_body, refused = inspect_request(headers, http_version)
@@ -154,6 +176,10 @@ def classify(
     request = RequestInfo(
         method, path, query=query, headers=headers, client_ip=client_ip, scheme=scheme
     )
+    name = route.choose_pool(request) if route.split else route.pool
+    pool = model.pools.get(name)
+    if pool is None:  # an adapter's own route, to a pool a reload removed
+        return Refuse(*problem(503, "no such pool", pool=name))
     forwarded = upstream_request_headers(
         headers,
         client_ip=client_ip or "unknown",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +25,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     ValidationError,
     field_validator,
 )
@@ -149,11 +151,36 @@ class TimeoutsConfig(Schema):
     connect: Duration = DEFAULT_TIMEOUTS["connect"]
     read: Duration = DEFAULT_TIMEOUTS["read"]
     write: Duration = DEFAULT_TIMEOUTS["write"]
+    #: A deadline for the response head over every try, back-offs
+    #: included (504 when it passes); 0 sets none.
+    total: OptionalDuration = 0.0
+
+
+def _statuses(value: tuple[int, ...]) -> tuple[int, ...]:
+    for status in value:
+        if not 200 <= status <= 599:
+            raise ValueError(f"must list statuses from 200 to 599, got {status!r}")
+    return tuple(sorted(set(value)))
+
+
+def _tuple_from_list(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+StatusList = Annotated[
+    tuple[int, ...], BeforeValidator(_tuple_from_list), AfterValidator(_statuses)
+]
 
 
 class RetriesConfig(Schema):
     attempts: PositiveInt = DEFAULT_RETRIES["attempts"]
     budget_percent: Percent = DEFAULT_RETRIES["budget_percent"]
+    #: Statuses retried like a failure before any response byte.
+    on_status: StatusList = ()
+    #: Full-jitter exponential back-off: before the n-th retry a random
+    #: wait in [0, min(max_backoff, backoff x 2^(n-1))].
+    backoff: OptionalDuration = 0.025
+    max_backoff: OptionalDuration = 0.25
 
 
 class HealthCheckConfig(_PluginTable):
@@ -165,11 +192,92 @@ class HealthCheckConfig(_PluginTable):
     fall: PositiveInt = 3
 
 
+def _positive_number(value: float) -> float:
+    if not value > 0:
+        raise ValueError(f"must be a positive number, got {value!r}")
+    return value
+
+
+class SuccessRateConfig(Schema):
+    """Envoy's success-rate detection: every ``interval`` seconds, among the
+    backends with ``request_volume`` answers or more in it (when there are
+    ``minimum_hosts`` of them), eject those whose success rate is below the
+    mean by more than ``stdev_factor`` standard deviations."""
+
+    stdev_factor: Annotated[float, AfterValidator(_positive_number)] = 1.9
+    minimum_hosts: PositiveInt = 5
+    request_volume: PositiveInt = 100
+    interval: Duration = 10.0
+
+
+class FailurePercentageConfig(Schema):
+    """Envoy's failure-percentage detection: as success rate, but eject the
+    backends whose share of failures is ``threshold`` percent or more."""
+
+    threshold: Percent = 85
+    minimum_hosts: PositiveInt = 5
+    request_volume: PositiveInt = 50
+    interval: Duration = 10.0
+
+
+STATUS_RANGES_FORM = "statuses and ranges such as '500-599' or '502-504,429'"
+
+
+_STATUS_ITEM = re.compile(r"\s*([0-9]{3})\s*(?:-\s*([0-9]{3})\s*)?")
+
+
+def _status_set(value: Any) -> Any:
+    # "502-504,429" -> frozenset({429, 502, 503, 504}), once, at load; a
+    # frozenset (a config built in Python) is taken as it is.
+    if isinstance(value, frozenset):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string of {STATUS_RANGES_FORM}, got {value!r}")
+    statuses: set[int] = set()
+    for item in value.split(","):
+        match = _STATUS_ITEM.fullmatch(item)
+        if match is None:
+            raise ValueError(f"must be {STATUS_RANGES_FORM}, got {value!r}")
+        first = int(match[1])
+        last = first if match[2] is None else int(match[2])
+        if not 200 <= first <= last <= 599:
+            raise ValueError(
+                f"must name statuses from 200 to 599, ranges low to high, got {item.strip()!r}"
+            )
+        statuses.update(range(first, last + 1))
+    return frozenset(statuses)
+
+
+def _status_ranges(statuses: frozenset[int]) -> str:
+    # The inverse of _status_set: frozenset({429, 502, 503, 504}) -> "429,502-504".
+    parts: list[str] = []
+    ordered = sorted(statuses)
+    i = 0
+    while i < len(ordered):
+        j = i
+        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
+            j += 1
+        parts.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+StatusSet = Annotated[
+    frozenset[int], BeforeValidator(_status_set), PlainSerializer(_status_ranges, return_type=str)
+]
+
+
 class OutlierDetectionConfig(Schema):
     consecutive_failures: PositiveInt = 5
     base_ejection_time: Duration = 30.0
     max_ejection_time: Duration = 300.0
     max_ejection_percent: Percent = 50
+    #: Rate-based ejection, as Envoy's; each off unless its table is given.
+    success_rate: SuccessRateConfig | None = None
+    failure_percentage: FailurePercentageConfig | None = None
+    #: Answers that count against their backend (connection errors and
+    #: timeouts always do): a string such as "500-599" or "502-504,429".
+    failure_statuses: StatusSet = frozenset(range(500, 600))
 
 
 class PersistenceConfig(_PluginTable):
@@ -183,6 +291,10 @@ class PoolConfig(Schema):
     )
     preserve_host: bool = False
     max_connections: PositiveInt = 1024
+    #: Requests that may wait, first come first served, for a backend when
+    #: every eligible one is at max_connections; each for queue_timeout.
+    max_pending: NonNegativeInt = 0
+    queue_timeout: Duration = 1.0
     #: A request body up to this many bytes is read whole before a backend
     #: is picked (a slow client then holds no backend); 0 streams every body.
     request_buffer: NonNegativeInt = 0
@@ -213,10 +325,104 @@ def _prefix(value: str) -> str:
     return value
 
 
+#: Methods a route may name (RFC 9110 section 9, and PATCH).
+METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+
+_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 section 5.6.2
+SPLIT_KEY_FORMS = "'ip', 'header:NAME', 'cookie:NAME' or 'query:NAME'"
+
+
+def _route_host(value: str) -> str:
+    host = value.lower()
+    if ":" in host:
+        raise ValueError(f"must be a host name without a port, got {value!r}")
+    name = host.removeprefix("*.")
+    labels = name.split(".")
+    if not name or not all(_LABEL.fullmatch(label) for label in labels):
+        hint = " (a wildcard is '*.' before a domain)" if "*" in host else ""
+        raise ValueError(f"must be a host name such as 'api.example.com'{hint}, got {value!r}")
+    return host
+
+
+def _methods(value: list[str]) -> list[str]:
+    for method in value:
+        if method not in METHODS:
+            hint = (
+                f"; did you mean {method.upper()!r}?"
+                if method.upper() in METHODS
+                else did_you_mean(method, METHODS)
+            )
+            raise ValueError(f"unknown method {method!r}{hint}")
+    if not value:
+        raise ValueError("must name at least one method (leave it out to match every method)")
+    return value
+
+
+def _header_names(value: dict[str, str]) -> dict[str, str]:
+    for name in value:
+        if not _TOKEN.fullmatch(name):
+            raise ValueError(f"{name!r} is not a header name")
+    return value
+
+
+def _split(value: dict[str, int]) -> dict[str, int]:
+    if not value:
+        raise ValueError("must name at least one pool")
+    for name, share in value.items():
+        if not 0 <= share <= 100:
+            raise ValueError(f"{name}: must be a percentage from 0 to 100, got {share!r}")
+    total = sum(value.values())
+    if total != 100:
+        raise ValueError(f"percentages add up to {total}, not 100")
+    return value
+
+
+def _split_key(value: str) -> str:
+    kind, _, name = value.partition(":")
+    if value != "ip" and not (kind in ("header", "cookie", "query") and name):
+        raise ValueError(f"must be {SPLIT_KEY_FORMS}, got {value!r}")
+    return value
+
+
+class RouteTimeouts(Schema):
+    """A route's own timeouts: each key given replaces the pool's."""
+
+    connect: Duration | None = None
+    read: Duration | None = None
+    write: Duration | None = None
+    total: OptionalDuration | None = None
+
+
+class RouteRetries(Schema):
+    """A route's own retry terms: each key given replaces the pool's."""
+
+    attempts: PositiveInt | None = None
+    budget_percent: Percent | None = None
+    on_status: StatusList | None = None
+    backoff: OptionalDuration | None = None
+    max_backoff: OptionalDuration | None = None
+
+
 class RouteConfig(Schema):
     prefix: Annotated[str, AfterValidator(_prefix)]
-    pool: str
+    host: Annotated[str, AfterValidator(_route_host)] | None = None
+    methods: Annotated[list[str], AfterValidator(_methods)] | None = None
+    headers: Annotated[dict[str, str], AfterValidator(_header_names)] | None = None
+    pool: str | None = None
+    split: Annotated[dict[str, int], AfterValidator(_split)] | None = None
+    split_key: Annotated[str, AfterValidator(_split_key)] | None = None
     strip_prefix: bool = False
+    rewrite: Annotated[str, AfterValidator(_prefix)] | None = None
+    timeouts: RouteTimeouts | None = None
+    retries: RouteRetries | None = None
+
+    @property
+    def pools(self) -> list[str]:
+        """Every pool the route sends to."""
+        if self.split is not None:
+            return list(self.split)
+        return [] if self.pool is None else [self.pool]
 
 
 def _status_path(value: str) -> str:
@@ -272,6 +478,10 @@ _CHILDREN: dict[type[BaseModel], dict[str, tuple[str, type[BaseModel]]]] = {
         "pools": ("dict", PoolConfig),
         "routes": ("list", RouteConfig),
         "status": ("one", StatusConfig),
+    },
+    RouteConfig: {
+        "timeouts": ("one", RouteTimeouts),
+        "retries": ("one", RouteRetries),
     },
     PoolConfig: {
         "backends": ("list", BackendConfig),
@@ -370,9 +580,24 @@ def _cross_checks(config: BalancerConfig) -> list[Problem]:
     problems = []
     pool_names = list(config.pools)
     for i, route in enumerate(config.routes):
-        if route.pool not in config.pools:
+        at = f"routes[{i}]"
+        if (route.pool is None) == (route.split is None):
+            problems.append(Problem(at, "needs exactly one of 'pool' and 'split'"))
+        if route.pool is not None and route.pool not in config.pools:
             hint = did_you_mean(route.pool, pool_names)
-            problems.append(Problem(f"routes[{i}].pool", f"unknown pool {route.pool!r}{hint}"))
+            problems.append(Problem(f"{at}.pool", f"unknown pool {route.pool!r}{hint}"))
+        for name in route.split or ():
+            if name not in config.pools:
+                hint = did_you_mean(name, pool_names)
+                problems.append(Problem(f"{at}.split.{name}", f"unknown pool {name!r}{hint}"))
+        if route.split_key is not None and route.split is None:
+            problems.append(Problem(f"{at}.split_key", "applies only to a route with 'split'"))
+        if route.rewrite is not None and route.strip_prefix:
+            problems.append(
+                Problem(
+                    f"{at}.rewrite", "excludes 'strip_prefix': the prefix is replaced either way"
+                )
+            )
     for name, pool in config.pools.items():
         if (
             pool.persistence is not None
