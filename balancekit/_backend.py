@@ -73,8 +73,10 @@ class Backend:
         "port",
         "ramp_started",
         "recent_ms",
+        "released_total",
         "removed",
         "requests_total",
+        "returned_at",
         "scheme",
         "state_since",
         "url",
@@ -109,11 +111,18 @@ class Backend:
         self.healthy = True
         self.removed = False
         self.ejected_until = 0.0
+        #: Ejections that count toward the next one's length; one is
+        #: forgiven per ``base_ejection_time`` in service (applied lazily,
+        #: when the next ejection is computed: see balancekit._outlier).
         self.ejections = 0
+        #: When the last ejection ended (the pool's clock), for that decay.
+        self.returned_at = 0.0
         self.consecutive_failures = 0
         self.active_requests = 0
         self.requests_total = 0
         self.failures_total = 0
+        #: Requests that ended (``requests_total`` counts those that began).
+        self.released_total = 0
         self.latency_ewma_ms: float | None = None
         #: When the last latency sample was taken (time.monotonic()).
         self.latency_at = 0.0
