@@ -10,6 +10,7 @@ moves bytes and keeps the counters honest on every path out.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,7 @@ from ._engine_core import (
     ClientDisconnected,
     RequestBodyBase,
     caused_by_client,
+    deadline_passed,
     log_access,
     valid_status,
     with_host,
@@ -146,6 +148,11 @@ class AsyncEngine:
         await _Exchange(self, routed, receive, send).run()
 
 
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 async def _respond(
     send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes
 ) -> None:
@@ -221,32 +228,28 @@ class _Exchange:
                 self.watcher.cancel()
 
     async def _run(self) -> None:
+        routed = self.routed
         pool = self.pool
-        headers = self.routed.headers
-        preserve_host = pool.config.preserve_host
-        transport = self.engine.transport
         body = self.body
         if body is not None and pool.config.request_buffer:
             await body.buffer(pool.config.request_buffer)
         persistence = pool.persistence
         pinned = None if persistence is None else await persistence.afind(self.request, pool)
-        attempts = Attempts(pool, self.request, pinned)
+        attempts = Attempts(
+            pool, self.request, pinned, timeouts=routed.timeouts, retries=routed.retries
+        )
         try:
             while True:
                 try:
                     backend = attempts.next()
-                except NoEligibleBackend as exc:
-                    await self._problem(exc)
-                    return
+                except NoEligibleBackend as full:
+                    try:
+                        backend = await self._queue(attempts, full)
+                    except ProxyError as exc:  # no place, or none came free
+                        await self._problem(exc)
+                        return
                 try:
-                    response = await transport.send(
-                        backend,
-                        self.request.method,
-                        self.target,
-                        with_host(headers, backend, preserve_host),
-                        body,
-                        pool.timeouts,
-                    )
+                    response = await self._send(attempts, backend)
                 except ClientDisconnected:
                     self.disconnected = True  # says nothing of the backend
                     return
@@ -257,19 +260,80 @@ class _Exchange:
                         return
                     attempts.release(ok=False, code=exc.status_code)
                     if attempts.retry(exc, body_replayable=body is None or body.replayable):
-                        continue
+                        if await self._backoff(attempts):
+                            continue
+                        exc = deadline_passed(pool.name)
                     await self._problem(exc)
                     return
-                if not valid_status(response.status):
+                status = response.status
+                if not valid_status(status):
                     await response.aclose()
                     attempts.release(ok=False)
                     await self._problem(UpstreamProtocolError(pool=pool.name))
+                    return
+                if attempts.retry_status(status, body_replayable=body is None or body.replayable):
+                    attempts.answered(status)
+                    await response.aclose()
+                    if await self._backoff(attempts):
+                        continue
+                    await self._problem(deadline_passed(pool.name))
                     return
                 await self._relay(attempts, backend, response)
                 return
         finally:
             # A client that left (or a cancelled task) says nothing of the backend.
             attempts.close(ok=self.disconnected)
+
+    async def _queue(self, attempts: Attempts, full: NoEligibleBackend) -> Backend:
+        """Wait in the pool's queue for a backend (see ``Attempts.enqueue``).
+        The disconnect watcher cancels the task when the client leaves,
+        which gives the place up."""
+        loop = self.engine.loop
+        woken = loop.create_future()
+
+        def notify() -> None:  # from whichever thread freed a place
+            with contextlib.suppress(RuntimeError):  # the loop has closed
+                loop.call_soon_threadsafe(_wake, woken)
+
+        waiter = attempts.enqueue(full, notify)
+        if waiter.backend is None:
+            try:
+                async with asyncio.timeout(attempts.queue_wait()):
+                    await woken
+            except TimeoutError:
+                pass  # dequeue() says 503, or takes a backend handed over just now
+            except asyncio.CancelledError:
+                attempts.abandon(waiter)
+                raise
+        return attempts.dequeue(waiter)
+
+    async def _send(self, attempts: Attempts, backend: Backend) -> UpstreamResponse:
+        """One try: the request to ``backend``, up to the response head,
+        within what is left of ``timeouts.total``."""
+        request = self.request
+        headers = with_host(self.routed.headers, backend, self.pool.config.preserve_host)
+        send = self.engine.transport.send
+        if not attempts.deadline:
+            return await send(
+                backend, request.method, self.target, headers, self.body, attempts.timeouts
+            )
+        timeouts = attempts.try_timeouts()
+        if timeouts is None:
+            raise deadline_passed(self.pool.name)
+        try:
+            async with asyncio.timeout(attempts.remaining()):
+                return await send(
+                    backend, request.method, self.target, headers, self.body, timeouts
+                )
+        except TimeoutError:
+            raise deadline_passed(self.pool.name) from None
+
+    async def _backoff(self, attempts: Attempts) -> bool:
+        """Wait before a granted retry; False if ``timeouts.total`` ran out."""
+        wait = attempts.backoff()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        return attempts.remaining() > 0
 
     async def _relay(
         self, attempts: Attempts, backend: Backend, response: UpstreamResponse

@@ -9,15 +9,21 @@ again. Counters, the retry budget and every verdict live here, so the async
 from __future__ import annotations
 
 import logging
+import math
+import random
 import time
 from typing import TYPE_CHECKING
 
-from ._decision import is_failure, may_retry
+from ._decision import IDEMPOTENT_METHODS, may_retry
+from ._exceptions import NoEligibleBackend, UpstreamTimeout
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ._backend import Backend
+    from ._config import RetriesConfig, TimeoutsConfig
     from ._exceptions import ProxyError
-    from ._pool import Pool
+    from ._pool import Pool, Waiter
     from ._request import RequestInfo
     from ._types import RawHeaders
 
@@ -136,47 +142,112 @@ def valid_status(status: int) -> bool:
 class Attempts:
     """The tries of one request on one pool.
 
-    ``next()`` picks a backend (the pinned one first, when it is fit;
-    raising ``NoEligibleBackend``) and starts
-    the clock; ``release()`` gives it back with the outcome; ``retry()``
-    says whether a failed try may be repeated on another backend, taking
-    a place in the pool's retry budget if so. ``close()`` settles whatever
-    is still held, on every way out, so no counter is ever left behind.
+    ``next()`` picks a backend (the pinned one first, when it is fit; never
+    one already tried while another is eligible; raising
+    ``NoEligibleBackend``) and starts the clock; ``release()`` gives it back
+    with the outcome; ``retry()`` and ``retry_status()`` say whether a
+    failed try, or an answer whose status is in ``on_status``, may be
+    repeated on another backend, taking a place in the pool's retry budget
+    if so; ``backoff()`` is how long to wait before that retry, and
+    ``remaining()`` what is left of ``timeouts.total``. ``close()`` settles
+    whatever is still held, on every way out, so no counter is ever left
+    behind.
     """
 
     __slots__ = (
         "attempt",
         "backend",
-        "exclude",
+        "deadline",
         "in_budget",
         "pinned",
         "pool",
         "request",
+        "reserved",
+        "retries",
         "started",
+        "timeouts",
+        "tried",
     )
 
-    def __init__(self, pool: Pool, request: RequestInfo, pinned: Backend | None = None) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        request: RequestInfo,
+        pinned: Backend | None = None,
+        *,
+        timeouts: TimeoutsConfig | None = None,
+        retries: RetriesConfig | None = None,
+    ) -> None:
         self.pool = pool
         self.request = request
         #: The backend the request's session is pinned to (persistence), if any.
         self.pinned = pinned
+        self.timeouts = timeouts if timeouts is not None else pool.timeouts
+        self.retries = retries if retries is not None else pool.retries
         self.attempt = 0
         self.backend: Backend | None = None
-        self.exclude: Backend | None = None
-        self.in_budget = False
+        #: Backends this request has tried, skipped while another is eligible
+        #: (Envoy's previous_hosts).
+        self.tried: list[Backend] = []
+        self.in_budget = False  # the current try holds a place in the budget
+        self.reserved = False  # the next try does
         self.started = 0.0
+        total = self.timeouts.total
+        #: ``time.monotonic()`` by which the response head must have come.
+        self.deadline = time.monotonic() + total if total else 0.0
 
     def next(self) -> Backend:
         self.attempt += 1
         # The pin holds for the first try; a retry goes elsewhere, and the
         # response then moves the pin.
         prefer = self.pinned if self.attempt == 1 else None
-        pool = self.pool
-        backend = self.backend = pool.acquire(self.request, exclude=self.exclude, prefer=prefer)
-        if pool.metrics is not None:
-            pool.metrics.acquired(backend)
+        return self._began(self.pool.acquire(self.request, exclude=self.tried, prefer=prefer))
+
+    def _began(self, backend: Backend) -> Backend:
+        self.backend = backend
+        self.tried.append(backend)
+        self.in_budget, self.reserved = self.reserved, False
+        metrics = self.pool.metrics
+        if metrics is not None:
+            metrics.acquired(backend)
         self.started = time.perf_counter()
         return backend
+
+    # --- the pool's queue: after next() raised NoEligibleBackend ------------------
+
+    def enqueue(self, full: NoEligibleBackend, notify: Callable[[], None]) -> Waiter:
+        """A place in the pool's queue, when ``full`` (what :meth:`next`
+        raised) says every eligible backend is at ``max_connections`` and the
+        pool has a queue; otherwise ``full`` is raised again. ``notify`` is
+        called, from any thread, once a backend has been handed over."""
+        if not full.full or not self.pool.max_pending:
+            raise full
+        return self.pool.enqueue(self.request, self.tried, notify)
+
+    def queue_wait(self) -> float:
+        """How long a request may wait in the queue: ``queue_timeout``, less
+        if ``timeouts.total`` ends first."""
+        return min(self.pool.queue_timeout, self.remaining())
+
+    def dequeue(self, waiter: Waiter) -> Backend:
+        """The wait is over: the backend handed over, now this try's. Raises
+        :class:`NoEligibleBackend` (503) when none came within
+        ``queue_timeout``, or the 504 of ``timeouts.total`` if that ran out
+        first."""
+        backend = self.pool.leave(waiter, keep=True)
+        if backend is not None:
+            return self._began(backend)
+        if self.deadline and self.remaining() <= 0:
+            raise deadline_passed(self.pool.name)
+        raise NoEligibleBackend(
+            f"no backend of pool {self.pool.name!r} came free within queue_timeout",
+            pool=self.pool.name,
+        )
+
+    def abandon(self, waiter: Waiter) -> None:
+        """The client left while queued: its place, or a backend handed over
+        in the meantime, goes to the next in line."""
+        self.pool.leave(waiter, keep=False)
 
     def release(self, *, ok: bool, timed: bool = True, code: int = 502) -> float | None:
         """Give the current backend back; its latency in ms when ``timed``.
@@ -195,33 +266,87 @@ class Attempts:
         if pool.metrics is not None:
             pool.metrics.released(backend, code, None if latency is None else latency / 1000)
         if self.in_budget:
-            self.pool.release_retry()
+            pool.release_retry()
             self.in_budget = False
-        self.exclude = backend
         return latency
 
     def answered(self, status: int) -> float | None:
-        """The upstream's response ended: release with its verdict."""
-        return self.release(ok=not is_failure(status), code=status)
+        """The upstream's response ended: release with its verdict (the
+        pool's ``failure_statuses`` say which statuses count as failures)."""
+        return self.release(ok=not self.pool.is_failure(status), code=status)
 
     def retry(self, error: ProxyError, *, body_replayable: bool) -> bool:
         """After a released failed try: whether to try another backend."""
-        pool = self.pool
         if not may_retry(
             error,
             method=self.request.method,
             attempt=self.attempt,
-            attempts=pool.retries.attempts,
+            attempts=self.retries.attempts,
             response_started=False,
             body_replayable=body_replayable,
         ):
             return False
+        return self._reserve()
+
+    def retry_status(self, status: int, *, body_replayable: bool) -> bool:
+        """An answer's head has come: whether to drop it and try another
+        backend instead, because its status is in ``on_status`` (only for
+        an idempotent request whose body can be sent again)."""
+        retries = self.retries
+        if (
+            status not in retries.on_status
+            or self.attempt >= retries.attempts
+            or not body_replayable
+            or self.request.method not in IDEMPOTENT_METHODS
+            or (self.deadline and self.remaining() <= 0)
+        ):
+            return False
+        return self._reserve()
+
+    def _reserve(self) -> bool:
+        pool = self.pool
         if not pool.try_acquire_retry():
             return False
-        self.in_budget = True
+        self.reserved = True
         if pool.metrics is not None:
             pool.metrics.retried()
         return True
+
+    def backoff(self) -> float:
+        """Seconds to wait before the retry just granted: full jitter, a
+        random time in ``[0, min(max_backoff, backoff x 2^(n-1))]`` before
+        the n-th retry, never past the deadline."""
+        retries = self.retries
+        cap = min(retries.max_backoff, retries.backoff * 2 ** (self.attempt - 1))
+        wait = random.uniform(0.0, cap) if cap > 0 else 0.0
+        if self.deadline:
+            wait = max(0.0, min(wait, self.remaining()))
+        return wait
+
+    def remaining(self) -> float:
+        """Seconds left before ``timeouts.total`` passes (``inf`` with none)."""
+        if not self.deadline:
+            return math.inf
+        return self.deadline - time.monotonic()
+
+    def try_timeouts(self) -> TimeoutsConfig | None:
+        """The timeouts for the next try: the route's or pool's, each cut to
+        what is left of ``total``; None once it has passed."""
+        timeouts = self.timeouts
+        if not self.deadline:
+            return timeouts
+        left = self.remaining()
+        if left <= 0:
+            return None
+        if left >= max(timeouts.connect, timeouts.read, timeouts.write):
+            return timeouts
+        return timeouts.model_copy(
+            update={
+                "connect": min(timeouts.connect, left),
+                "read": min(timeouts.read, left),
+                "write": min(timeouts.write, left),
+            }
+        )
 
     def client_left(self) -> None:
         """The client went away: a backend still held is released without
@@ -235,6 +360,14 @@ class Attempts:
         if self.in_budget:
             self.pool.release_retry()
             self.in_budget = False
+        if self.reserved:
+            self.pool.release_retry()
+            self.reserved = False
+
+
+def deadline_passed(pool: str) -> UpstreamTimeout:
+    """The 504 for a request whose ``timeouts.total`` ran out."""
+    return UpstreamTimeout("no response within the total timeout (timeouts.total)", pool=pool)
 
 
 def log_access(

@@ -10,6 +10,8 @@ arrives. The server's thread blocks on the upstream; nothing else does.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +20,7 @@ from ._engine_core import (
     ClientDisconnected,
     RequestBodyBase,
     caused_by_client,
+    deadline_passed,
     log_access,
     valid_status,
     with_host,
@@ -185,22 +188,28 @@ class SyncEngine:
             body.buffer(pool.config.request_buffer)
         persistence = pool.persistence
         pinned = None if persistence is None else persistence.find(request, pool)
-        attempts = Attempts(pool, request, pinned)
+        attempts = Attempts(pool, request, pinned, timeouts=routed.timeouts, retries=routed.retries)
         relay = None
         try:
             while True:
                 try:
                     backend = attempts.next()
-                except NoEligibleBackend as exc:
-                    return self._problem(exc, routed, start_response)
+                except NoEligibleBackend as full:
+                    try:
+                        backend = _queue(attempts, full)
+                    except ProxyError as exc:  # no place, or none came free
+                        return self._problem(exc, routed, start_response)
                 try:
+                    timeouts = attempts.try_timeouts()
+                    if timeouts is None:
+                        raise deadline_passed(pool.name)
                     response = self.transport.send(
                         backend,
                         request.method,
                         target,
                         with_host(headers, backend, preserve_host),
                         body,
-                        pool.timeouts,
+                        timeouts,
                     )
                 except ClientDisconnected:
                     attempts.client_left()  # says nothing of the backend
@@ -212,13 +221,22 @@ class SyncEngine:
                         raise ClientDisconnected from exc
                     attempts.release(ok=False, code=exc.status_code)
                     if attempts.retry(exc, body_replayable=body is None or body.replayable):
-                        continue
+                        if _backoff(attempts):
+                            continue
+                        exc = deadline_passed(pool.name)
                     return self._problem(exc, routed, start_response)
-                if not valid_status(response.status):
+                status = response.status
+                if not valid_status(status):
                     response.close()
                     attempts.release(ok=False)
                     error = UpstreamProtocolError(pool=pool.name)
                     return self._problem(error, routed, start_response)
+                if attempts.retry_status(status, body_replayable=body is None or body.replayable):
+                    attempts.answered(status)
+                    response.close()
+                    if _backoff(attempts):
+                        continue
+                    return self._problem(deadline_passed(pool.name), routed, start_response)
                 relay = Relay(attempts, backend, response, request, target, routed.access_log)
                 try:
                     response_headers = downstream_response_headers(response.headers)
@@ -241,6 +259,25 @@ class SyncEngine:
         if routed.access_log:
             log_access(routed.request, routed.target, pool, error.status_code, None, None)
         return respond(start_response, *error_problem(error))
+
+
+def _queue(attempts: Attempts, full: NoEligibleBackend) -> Backend:
+    """Wait in the pool's queue for a backend (see ``Attempts.enqueue``).
+    WSGI tells nothing of a client that leaves, so a queued request waits
+    out its ``queue_timeout`` whatever the client does."""
+    woken = threading.Event()
+    waiter = attempts.enqueue(full, woken.set)
+    if waiter.backend is None:
+        woken.wait(max(0.0, attempts.queue_wait()))
+    return attempts.dequeue(waiter)
+
+
+def _backoff(attempts: Attempts) -> bool:
+    """Wait before a granted retry; False if ``timeouts.total`` ran out."""
+    wait = attempts.backoff()
+    if wait > 0:
+        time.sleep(wait)
+    return attempts.remaining() > 0
 
 
 def respond(

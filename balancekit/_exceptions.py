@@ -92,6 +92,9 @@ class NoEligibleBackend(ProxyError):
 
     status_code = 503
     request_sent = False
+    #: Backends are eligible but every one is at ``max_connections``: the
+    #: request may wait in the pool's queue (``max_pending``).
+    full = False
 
 
 class UpstreamError(ProxyError):

@@ -11,13 +11,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
 from . import _outlier
 from ._backend import Backend, BackendState
 from ._changes import Change, Op
 from ._config import validate_backend
+from ._decision import is_failure
 from ._exceptions import NoEligibleBackend
 from ._slow_start import NEVER, SlowStart
 from .algorithms.base import overrides
@@ -36,6 +38,28 @@ ChangeListener = Callable[["Pool", Change], None]
 
 #: Retries allowed in flight whatever the budget says (Envoy's floor).
 RETRY_BUDGET_FLOOR = 3
+
+
+class Waiter:
+    """A request's place in a pool's queue (``max_pending``).
+
+    The pool hands a backend over directly: when a place frees up, it picks
+    one for the first waiter, counts it as in flight and sets ``backend``
+    before calling ``notify``, so a request arriving in between cannot take
+    the place (first come, first served). ``notify`` is called under the
+    pool's lock, from whichever thread freed the place: it must only wake
+    the waiter (set an event, or schedule a future's result on its loop).
+    """
+
+    __slots__ = ("backend", "exclude", "notify", "request")
+
+    def __init__(
+        self, request: RequestInfo, exclude: Collection[Backend], notify: Callable[[], None]
+    ) -> None:
+        self.request = request
+        self.exclude = exclude
+        self.notify = notify
+        self.backend: Backend | None = None
 
 
 class Pool:
@@ -92,6 +116,16 @@ class Pool:
         self._slow_start = SlowStart(self.slow_start) if self.slow_start else None
         self._next_expiry = NEVER
         self._next_timer = NEVER
+        outlier = self.outlier
+        #: The statuses that count against a backend (None: every 5xx).
+        self._failure_statuses = None if outlier is None else outlier.failure_statuses
+        #: The interval detectors on (success rate, failure percentage).
+        detectors = () if outlier is None else (outlier.success_rate, outlier.failure_percentage)
+        self._intervals = tuple(_outlier.Interval(d, clock()) for d in detectors if d is not None)
+        self.max_pending = config.max_pending
+        self.queue_timeout = config.queue_timeout
+        #: Requests waiting for a place, first come first served.
+        self._waiters: deque[Waiter] = deque()
         self.active_requests = 0
         self.retries_active = 0
         for backend in config.backends:
@@ -123,13 +157,13 @@ class Pool:
         self,
         request: RequestInfo,
         *,
-        exclude: Backend | None = None,
+        exclude: Collection[Backend] = (),
         prefer: Backend | None = None,
     ) -> Backend:
         """Pick a backend for ``request`` and count the request as in flight.
 
-        ``exclude`` is a backend that just failed this request; it is skipped
-        when another is eligible. ``prefer`` is the backend a session is
+        ``exclude`` holds the backends this request already tried; they are
+        skipped while another is eligible. ``prefer`` is the backend a session is
         pinned to: taken while it is eligible or only draining (and below
         ``max_connections``), else the pick goes on as if there were no pin.
         Raises :class:`NoEligibleBackend`.
@@ -139,20 +173,97 @@ class Pool:
         with self._lock:
             if prefer is not None and self._pinnable(prefer):
                 return self._take(prefer)
-            candidates = self._primary or self._backup
-            if self._saturated:
-                limit = self.max_connections
-                candidates = tuple(b for b in candidates if b.active_requests < limit)
-                if not candidates:
-                    backups = tuple(b for b in self._backup if b.active_requests < limit)
-                    candidates = backups
-            if exclude is not None and len(candidates) > 1 and exclude in candidates:
-                candidates = tuple(b for b in candidates if b is not exclude)
+            candidates = self._candidates(exclude)
             if not candidates:
-                raise NoEligibleBackend(
-                    f"no eligible backend in pool {self.name!r}", pool=self.name
-                )
+                raise self._none_eligible()
             return self._take(self._algorithm.pick(candidates, request))
+
+    def _candidates(self, exclude: Collection[Backend]) -> tuple[Backend, ...]:
+        # Under the lock: who may take a request now, the backends already
+        # tried left out while another is eligible.
+        candidates = self._primary or self._backup
+        if self._saturated:
+            limit = self.max_connections
+            candidates = tuple(b for b in candidates if b.active_requests < limit)
+            if not candidates:
+                candidates = tuple(b for b in self._backup if b.active_requests < limit)
+        if exclude and len(candidates) > 1:
+            fresh = tuple(b for b in candidates if b not in exclude)
+            if fresh:
+                candidates = fresh
+        return candidates
+
+    def _none_eligible(self) -> NoEligibleBackend:
+        # Under the lock, when _candidates() is empty: "full" when backends
+        # are eligible but every one is at max_connections (a request may
+        # then queue), not when none is eligible at all.
+        error = NoEligibleBackend(f"no eligible backend in pool {self.name!r}", pool=self.name)
+        error.full = bool(self._primary or self._backup)
+        return error
+
+    # --- the queue: max_pending, queue_timeout ------------------------------------
+
+    def enqueue(
+        self, request: RequestInfo, exclude: Collection[Backend], notify: Callable[[], None]
+    ) -> Waiter:
+        """A place in the queue for a request that found the pool full.
+
+        The returned waiter may already hold a backend (one came free since
+        :meth:`acquire` failed). Raises :class:`NoEligibleBackend` when the
+        queue already holds ``max_pending`` requests, or when no backend is
+        eligible at all any more.
+        """
+        with self._lock:
+            waiter = Waiter(request, exclude, notify)
+            candidates = () if self._waiters else self._candidates(exclude)
+            if candidates:
+                waiter.backend = self._take(self._algorithm.pick(candidates, request))
+                return waiter
+            if not (self._primary or self._backup):
+                raise self._none_eligible()
+            if len(self._waiters) >= self.max_pending:
+                raise NoEligibleBackend(
+                    f"pool {self.name!r} is full and {self.max_pending} requests already wait",
+                    pool=self.name,
+                )
+            self._waiters.append(waiter)
+            return waiter
+
+    def leave(self, waiter: Waiter, *, keep: bool) -> Backend | None:
+        """``waiter`` stops waiting: the backend it was handed meanwhile,
+        if any and ``keep``; without ``keep`` (the client left) a backend
+        handed over is given back to the next in line."""
+        with self._lock:
+            backend = waiter.backend
+            if backend is None:  # still in line: served ones hold a backend
+                self._waiters.remove(waiter)
+                return None
+            if keep:
+                return backend
+            waiter.backend = None
+            backend.requests_total -= 1  # it never went
+            self._untake(backend)
+            if self._released is not None:
+                self._released(backend)
+            self._serve_waiters()
+            return None
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting in the queue now."""
+        return len(self._waiters)
+
+    def _serve_waiters(self) -> None:
+        # Under the lock, after a place may have come free: hand backends to
+        # the first waiters while there are places.
+        waiters = self._waiters
+        while waiters:
+            candidates = self._candidates(waiters[0].exclude)
+            if not candidates:
+                return
+            waiter = waiters.popleft()
+            waiter.backend = self._take(self._algorithm.pick(candidates, waiter.request))
+            waiter.notify()
 
     def _pinnable(self, backend: Backend) -> bool:
         # Under the lock. Draining keeps its sessions; nothing else unfit does.
@@ -175,20 +286,27 @@ class Pool:
             self._acquired(backend)
         return backend
 
+    def _untake(self, backend: Backend) -> None:
+        # Under the lock: a request leaves ``backend`` (the counting half of
+        # release(), shared with a queued request that gives its place back).
+        if backend.active_requests == self.max_connections:
+            self._saturated -= 1
+        backend.active_requests -= 1
+        self.active_requests -= 1
+
     def release(self, backend: Backend, *, ok: bool, latency_ms: float | None) -> None:
         """Finish a request on ``backend``: counters, latency, outlier detection.
 
-        ``ok`` is False for a connection error, a timeout or a 5xx answer
-        (as Envoy's ``consecutive_5xx``); ``latency_ms`` is None when there
-        is no meaningful sample (the client went away).
+        ``ok`` is False for a connection error, a timeout or an answer
+        whose status :meth:`is_failure` (a 5xx by default, as Envoy's
+        ``consecutive_5xx``); ``latency_ms`` is None when there is no
+        meaningful sample (the client went away).
         """
         changed = None
         streak = 0
         with self._lock:
-            if backend.active_requests == self.max_connections:
-                self._saturated -= 1
-            backend.active_requests -= 1
-            self.active_requests -= 1
+            self._untake(backend)
+            backend.released_total += 1  # with failures_total: the interval detectors' counts
             if latency_ms is not None:
                 backend.record_latency(latency_ms, failed=not ok, at=self._clock())
                 backend.recent_ms.append(latency_ms)
@@ -201,6 +319,8 @@ class Pool:
                 backend.failures_total += 1
                 backend.consecutive_failures += 1
                 changed = self._maybe_eject(backend)
+            if self._waiters:
+                self._serve_waiters()
         if changed is not None:
             self._ejected(backend, changed)
         elif self.on_change is not None and self.outlier is not None:
@@ -210,6 +330,13 @@ class Pool:
                 self.on_change(self, Change(Op.FAILURE, backend.url))
             elif streak:
                 self.on_change(self, Change(Op.RECOVERED, backend.url))
+
+    def is_failure(self, status: int) -> bool:
+        """Whether an answer with ``status`` counts against its backend: in
+        ``outlier_detection.failure_statuses`` when that table is given,
+        else any 5xx."""
+        statuses = self._failure_statuses
+        return is_failure(status) if statuses is None else status in statuses
 
     def eject_for_failures(self, url: str, failures: int) -> None:
         """Eject ``url`` for ``failures`` consecutive failures counted across
@@ -385,6 +512,7 @@ class Pool:
                 "panic": self.panic,
                 "active_requests": self.active_requests,
                 "retries_active": self.retries_active,
+                "queued": len(self._waiters),
                 "backends": [b.as_status() for b in self.backends],
             }
 
@@ -447,13 +575,24 @@ class Pool:
         self._saturated = sum(1 for b in self.backends if b.active_requests >= self.max_connections)
         expiries = [b.ejected_until for b in self.backends if b.ejected_until]
         self._next_expiry = min(expiries, default=NEVER)
-        self._next_timer = min(self._next_expiry, NEVER if slow is None else slow.next_step)
+        self._schedule()
         if self._prepare is not None:
             for eligible_set in (self._backup, self._primary):
                 if eligible_set:
                     self._prepare(eligible_set)
+        if self._waiters:
+            self._serve_waiters()  # a backend may have become eligible
 
-    # --- timers: slow-start steps, ejections that end ---------------------------
+    # --- timers: slow-start steps, ejections that end, outlier intervals -------
+
+    def _schedule(self) -> None:
+        # Under the lock: when the request path must next call _timers().
+        slow = self._slow_start
+        self._next_timer = min(
+            self._next_expiry,
+            NEVER if slow is None else slow.next_step,
+            *(interval.due for interval in self._intervals),
+        )
 
     def _timers(self) -> None:
         now = self._clock()
@@ -464,6 +603,8 @@ class Pool:
                 self._rebuild()
         if self._next_expiry <= now:
             self._expire_ejections()
+        if any(interval.due <= now for interval in self._intervals):
+            self._close_intervals()
 
     def _maybe_eject(self, backend: Backend) -> tuple[BackendState, BackendState] | None:
         # Under the lock (see balancekit._outlier).
@@ -483,6 +624,39 @@ class Pool:
             outlier.consecutive_failures,
         )
         return old, backend.state
+
+    def _close_intervals(self) -> None:
+        # The success-rate and failure-percentage detectors whose interval is
+        # over judge it; each backend they single out is ejected, by the
+        # same rules (and cap) as for a failure streak.
+        outlier = self.outlier
+        if outlier is None:
+            return
+        ejected: list[tuple[Backend, tuple[BackendState, BackendState]]] = []
+        with self._lock:
+            now = self._clock()
+            for interval in self._intervals:
+                if interval.due > now:
+                    continue  # another thread was first
+                for backend, reason in interval.outliers(interval.close(self.backends, now)):
+                    old = backend.state
+                    duration = _outlier.take_out(outlier, backend, self.backends, now)
+                    if duration is None:
+                        continue
+                    logger.warning(
+                        "pool %s: backend %s ejected for %.0fs: %s",
+                        self.name,
+                        backend.url,
+                        duration,
+                        reason,
+                    )
+                    ejected.append((backend, (old, backend.state)))
+            if ejected:
+                self._rebuild()
+            else:
+                self._schedule()
+        for backend, changed in ejected:
+            self._ejected(backend, changed)
 
     def _expire_ejections(self) -> None:
         with self._lock:

@@ -105,7 +105,7 @@ def test_weighted_round_robin_retry_excluding_a_backend_keeps_the_sequence() -> 
         exclude = pool.backends[step % 3] if step % 5 == 0 else None
         offered = [b for b in pool.backends if b is not exclude]
         expected = reference.pick(offered)
-        backend = pool.acquire(REQUEST, exclude=exclude)
+        backend = pool.acquire(REQUEST, exclude=() if exclude is None else [exclude])
         pool.release(backend, ok=True, latency_ms=1.0)
         assert backend is expected
 

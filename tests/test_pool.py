@@ -97,13 +97,25 @@ def test_add_and_remove_at_runtime() -> None:
 
 def test_exclude_skips_the_backend_that_just_failed() -> None:
     pool = make_pool(A, B)
-    failed = pool.backend(A)
+    failed = [pool.backend(A)]
     for _ in range(5):
         backend = pool.acquire(REQUEST, exclude=failed)
         assert backend.url == B
         pool.release(backend, ok=True, latency_ms=1)
     pool.disable(B)
     assert pool.acquire(REQUEST, exclude=failed).url == A  # better than nothing
+
+
+def test_exclude_skips_every_backend_tried_while_another_is_eligible() -> None:
+    pool = make_pool(A, B, C)
+    tried = [pool.backend(A), pool.backend(B)]
+    for _ in range(5):
+        backend = pool.acquire(REQUEST, exclude=tried)
+        assert backend.url == C
+        pool.release(backend, ok=True, latency_ms=1)
+    tried.append(pool.backend(C))
+    picked = {pool.acquire(REQUEST, exclude=tried).url for _ in range(3)}
+    assert picked == {A, B, C}  # all tried: any of them rather than none
 
 
 def test_outlier_ejection_doubles_and_expires() -> None:
