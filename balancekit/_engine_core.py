@@ -206,7 +206,9 @@ class Attempts:
     def _began(self, backend: Backend) -> Backend:
         self.backend = backend
         self.tried.append(backend)
-        self.in_budget, self.reserved = self.reserved, False
+        if self.reserved:
+            self.pool.retry_began()
+            self.in_budget, self.reserved = True, False
         metrics = self.pool.metrics
         if metrics is not None:
             metrics.acquired(backend)
@@ -361,7 +363,7 @@ class Attempts:
             self.pool.release_retry()
             self.in_budget = False
         if self.reserved:
-            self.pool.release_retry()
+            self.pool.release_retry(began=False)
             self.reserved = False
 
 

@@ -128,6 +128,9 @@ class Pool:
         self._waiters: deque[Waiter] = deque()
         self.active_requests = 0
         self.retries_active = 0
+        #: Retries granted whose try has not begun (backing off or queued):
+        #: their requests hold no backend but are still the pool's.
+        self.retries_waiting = 0
         for backend in config.backends:
             self._add(Backend(backend.url, backend.weight, backup=backend.backup))
         self.algorithm = algorithm  # also builds the eligible lists
@@ -359,19 +362,33 @@ class Pool:
             self.on_change(self, Change(Op.EJECT, backend.url, seconds=seconds))
 
     def try_acquire_retry(self) -> bool:
-        """Take a place in the retry budget; False when it is spent."""
+        """Take a place in the retry budget; False when it is spent.
+
+        The budget is a share of the pool's active requests: those holding
+        a backend and those between two tries (backing off), which are as
+        much in progress. Counting only the first, a few requests backing
+        off at once would shrink the base they are measured against.
+        """
         with self._lock:
-            budget = max(
-                RETRY_BUDGET_FLOOR, self.active_requests * self.retries.budget_percent / 100
-            )
+            active = self.active_requests + self.retries_waiting
+            budget = max(RETRY_BUDGET_FLOOR, active * self.retries.budget_percent / 100)
             if self.retries_active >= budget:
                 return False
             self.retries_active += 1
+            self.retries_waiting += 1
             return True
 
-    def release_retry(self) -> None:
+    def retry_began(self) -> None:
+        """A granted retry's try has its backend."""
+        with self._lock:
+            self.retries_waiting -= 1
+
+    def release_retry(self, *, began: bool = True) -> None:
+        """A retry is over; ``began=False`` if its try never had a backend."""
         with self._lock:
             self.retries_active -= 1
+            if not began:
+                self.retries_waiting -= 1
 
     # --- runtime control ------------------------------------------------------
 
