@@ -28,7 +28,7 @@ from ._changes import Change, Op, toward_flags
 from ._classify import PASS, Classification, Pass, Refuse, Routed, Status
 from ._config import validate_backend, with_default_secret
 from ._exceptions import Problem
-from ._routing import Route
+from ._routing import Route, route_from_config
 
 __all__ = [
     "PASS",
@@ -42,6 +42,7 @@ __all__ = [
     "Route",
     "Routed",
     "Status",
+    "route_from_config",
     "toward_flags",
     "validate_backend",
     "with_default_secret",

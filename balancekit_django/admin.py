@@ -27,9 +27,13 @@ class BackendInline(admin.TabularInline):
 
 
 class RouteInline(admin.TabularInline):
+    """The pool's own routes, briefly; conditions, splits and per-route
+    terms are edited on the route's page (JSON fields crowd a table row)."""
+
     model = Route
     extra = 0
-    fields = ("prefix", "strip_prefix")
+    fields = ("prefix", "host", "strip_prefix", "rewrite")
+    show_change_link = True
 
 
 @admin.register(Pool)
@@ -132,5 +136,32 @@ class BackendAdmin(admin.ModelAdmin):
 
 @admin.register(Route)
 class RouteAdmin(admin.ModelAdmin):
-    list_display = ("prefix", "pool", "strip_prefix")
+    list_display = ("prefix", "host", "method_list", "target", "upstream_path")
+    list_filter = ("pool",)
     list_select_related = ("pool",)
+    search_fields = ("prefix", "host")
+    fieldsets = (
+        ("Match", {"fields": ("prefix", "host", "methods", "headers")}),
+        ("Send to", {"fields": ("pool", "split", "split_key")}),
+        ("Upstream path", {"fields": ("strip_prefix", "rewrite")}),
+        (
+            "This route's own terms (override the pool's)",
+            {"fields": ("timeouts", "retries"), "classes": ("collapse",)},
+        ),
+    )
+
+    @admin.display(description="methods")
+    def method_list(self, route: Route) -> str:
+        return ", ".join(map(str, route.methods)) if route.methods else "any"
+
+    @admin.display(description="to")
+    def target(self, route: Route) -> str:
+        if isinstance(route.split, dict):
+            return ", ".join(f"{name} {share}%" for name, share in route.split.items())
+        return "-" if route.pool is None else route.pool.name
+
+    @admin.display(description="upstream path")
+    def upstream_path(self, route: Route) -> str:
+        if route.rewrite:
+            return f"prefix -> {route.rewrite}"
+        return "prefix stripped" if route.strip_prefix else "as requested"

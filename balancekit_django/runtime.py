@@ -50,10 +50,7 @@ def database_config() -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, d
         )
         for b in backends:
             states[f"{pool.name} {b.url}"] = {"enabled": b.enabled, "draining": b.draining}
-    routes = [
-        {"prefix": r.prefix, "pool": r.pool.name, "strip_prefix": r.strip_prefix}
-        for r in Route.objects.select_related("pool")
-    ]
+    routes = [route.as_config() for route in Route.objects.select_related("pool")]
     return pools, routes, states
 
 
@@ -66,8 +63,17 @@ def compose(
     if clashes:
         logger.error("balancekit: pools %s are in BALANCEKIT and in the database", clashes)
     merged_pools = {**{k: v for k, v in pools.items() if k not in clashes}, **base.get("pools", {})}
-    merged_routes = [*base.get("routes", []), *(r for r in routes if r["pool"] not in clashes)]
+    # A database route to a pool that clashes would reach the settings' one.
+    served = [r for r in routes if not _named_pools(r) & set(clashes)]
+    merged_routes = [*base.get("routes", []), *served]
     return {**base, "pools": merged_pools, "routes": merged_routes}
+
+
+def _named_pools(route: dict[str, Any]) -> set[str]:
+    """The pools a route's table sends to (``pool``, or each of ``split``)."""
+    split = route.get("split")
+    names = set(split) if isinstance(split, dict) else set()
+    return names | ({route["pool"]} if "pool" in route else set())
 
 
 class Runtime:

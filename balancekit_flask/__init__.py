@@ -8,6 +8,7 @@
     app.config["BALANCEKIT"] = "balancekit.toml"     # or a dict of the same schema
     kit = BalanceKit(app)
     kit.proxy("/search/", pool="search")            # a route beside the config's
+    kit.proxy("/shop/", split={"shop": 90, "shop_next": 10}, split_key="cookie:uid")
 
 The configuration's routes are served by balancekit's WSGI middleware in
 front of Flask; ``kit.proxy`` routes are Flask views, so they go through
@@ -17,15 +18,23 @@ handlers like any other view. Everything else is Flask's, untouched.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import click
 from flask import Blueprint, Flask, Response, current_app, has_app_context, request
 from flask.cli import AppGroup
 
-from balancekit import Balancer, ConfigError
-from balancekit.adapter import ConfigInput, Problem, Refuse, Route, Routed, with_default_secret
+from balancekit import Balancer, BalancerConfig, ConfigError, load_config
+from balancekit.adapter import (
+    ConfigInput,
+    Problem,
+    Refuse,
+    Route,
+    Routed,
+    route_from_config,
+    with_default_secret,
+)
 from balancekit.cli import status_table
 from balancekit.wsgi import BalanceMiddleware, classify_environ, respond
 
@@ -46,12 +55,13 @@ def _status() -> None:
 
 
 class _Proxy:
-    """One ``kit.proxy`` call, remembered until there is an app to add it to."""
+    """One ``kit.proxy`` call, validated, remembered until there is an app
+    to add it to."""
 
-    def __init__(self, prefix: str, pool: str, strip_prefix: bool, endpoint: str) -> None:
+    def __init__(self, prefix: str, table: dict[str, Any], endpoint: str) -> None:
         self.prefix = "/" + prefix.strip("/")
-        self.pool = pool
-        self.strip_prefix = strip_prefix
+        #: The route alone in a configuration, validated: ``routes[0]``.
+        self.checked = _checked(self.prefix, table)
         self.endpoint = endpoint
 
     def add_to(self, target: Flask | Blueprint, view: Callable[..., Response]) -> None:
@@ -61,13 +71,36 @@ class _Proxy:
         target.add_url_rule(f"{base}/<path:{_REST}>", self.endpoint, **options)
 
 
+def _checked(prefix: str, table: dict[str, Any]) -> BalancerConfig:
+    """A configuration of the route ``table`` alone, checked by the core's
+    rules now, so that a mistake fails where ``kit.proxy`` is called.
+
+    The pools it names stand in empty here: whether they exist is known
+    only once the view reaches an app and its balancer.
+    """
+    split = table.get("split")
+    names = list(split) if isinstance(split, Mapping) else []
+    if table.get("pool") is not None:
+        names.append(table["pool"])
+    config = {"pools": dict.fromkeys(map(str, names), {}), "routes": [{"prefix": prefix, **table}]}
+    try:
+        return load_config(config)
+    except ConfigError as exc:
+        at = f"proxy({prefix!r})"
+        raise ConfigError(
+            [Problem(p.path.replace("routes[0]", at, 1), p.message) for p in exc.problems]
+        ) from None
+
+
 class _State:
     """What one app knows: its balancer and the routes of its proxy views."""
 
     def __init__(self, balancer: Balancer) -> None:
         self.balancer = balancer
-        # The view's full prefix (blueprint's included) by URL rule.
+        # The view's route (its prefix the blueprint's included) by URL rule,
+        # built against ``routes_of``: a reload's pools have new terms.
         self.routes: dict[str, Route] = {}
+        self.routes_of: BalancerConfig | None = None
 
 
 class BalanceKit:
@@ -135,20 +168,47 @@ class BalanceKit:
         self,
         prefix: str,
         *,
-        pool: str,
+        pool: str | None = None,
+        split: Mapping[str, int] | None = None,
+        split_key: str | None = None,
         strip_prefix: bool = False,
+        rewrite: str | None = None,
+        timeouts: Mapping[str, float] | None = None,
+        retries: Mapping[str, Any] | None = None,
         blueprint: Blueprint | None = None,
         endpoint: str | None = None,
     ) -> None:
         """Proxy ``prefix`` (and everything under it) to ``pool`` from a Flask view.
 
+        The route's keys are those of a ``[[routes]]`` table: ``pool`` or
+        ``split`` (percentages by pool, with an optional ``split_key``),
+        ``strip_prefix`` or ``rewrite``, and ``timeouts`` / ``retries`` that
+        override the pool's for this view. The rule decides the path and
+        takes every method; ``host``, ``methods`` and ``headers`` conditions
+        have no place here, because the Flask rule has already matched when
+        the view runs. Guard a view with a ``before_request`` hook, or put such
+        a route in the configuration instead.
+
         With ``blueprint=`` the view belongs to the blueprint: its URL prefix
         comes first, its hooks run. Otherwise it is added to every app this
-        kit is (or will be) initialised on. An unknown pool is a ConfigError
-        when the view reaches an app.
+        kit is (or will be) initialised on. A bad key is a ConfigError here;
+        an unknown pool is one when the view reaches an app.
         """
         name = endpoint or "balancekit_proxy_" + (prefix.strip("/").replace("/", "_") or "root")
-        spec = _Proxy(prefix, pool, strip_prefix, name)
+        given = {
+            "pool": pool,
+            "split": split,
+            "split_key": split_key,
+            "rewrite": rewrite,
+            "timeouts": timeouts,
+            "retries": retries,
+        }
+        table = {
+            key: dict(value) if isinstance(value, Mapping) else value
+            for key, value in given.items()
+            if value is not None
+        }
+        spec = _Proxy(prefix, {**table, "strip_prefix": strip_prefix}, name)
         if blueprint is not None:
             spec.add_to(blueprint, self._view_for(spec))
             blueprint.record_once(
@@ -162,11 +222,14 @@ class BalanceKit:
 
     @staticmethod
     def _check_pool(balancer: Balancer, spec: _Proxy) -> None:
-        if spec.pool not in balancer.pools:
-            known = ", ".join(sorted(balancer.pools)) or "none"
-            raise ConfigError(
-                [Problem(f"proxy({spec.prefix!r})", f"unknown pool {spec.pool!r} (pools: {known})")]
-            )
+        known = ", ".join(sorted(balancer.pools)) or "none"
+        problems = [
+            Problem(f"proxy({spec.prefix!r})", f"unknown pool {name!r} (pools: {known})")
+            for name in spec.checked.routes[0].pools
+            if name not in balancer.pools
+        ]
+        if problems:
+            raise ConfigError(problems)
 
     def _view_for(self, spec: _Proxy) -> Callable[..., Response]:
         def view(**kwargs: Any) -> Response:
@@ -205,11 +268,16 @@ class BalanceKit:
 
 def _route(state: _State, spec: _Proxy) -> Route:
     """The route of this request's rule: its prefix is the whole rule's, a
-    blueprint's URL prefix included, so ``strip_prefix`` strips all of it."""
+    blueprint's URL prefix included, so ``strip_prefix`` strips all of it
+    and ``rewrite`` replaces all of it."""
+    config = state.balancer.config
+    if state.routes_of is not config:  # new pools: the routes' terms follow them
+        state.routes, state.routes_of = {}, config
     rule = request.url_rule
     key = rule.rule if rule is not None else spec.prefix
     route = state.routes.get(key)
     if route is None:
         prefix = key.split("<", 1)[0].rstrip("/")
-        route = state.routes[key] = Route(prefix, spec.pool, spec.strip_prefix)
+        own = spec.checked.routes[0].model_copy(update={"prefix": prefix})
+        route = state.routes[key] = route_from_config(own, config.pools)
     return route

@@ -9,9 +9,11 @@ from io import StringIO
 
 import pytest
 from django.contrib.auth.models import Permission, User
-from django.core.exceptions import ValidationError
+from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
+from django.db import connection
+from django.db.migrations.executor import MigrationExecutor
 from django.test import Client, override_settings
 
 from balancekit_django import runtime as runtime_module
@@ -245,3 +247,131 @@ def test_the_status_path_is_for_staff_by_default(monkeypatch) -> None:
     answer = client.get("/balancekit/status.json")
     assert answer.status_code == 200 and b"pools" in b"".join(answer.streaming_content)
     made.balancer.close()
+
+
+def echo(client: Client, path: str, method: str = "get") -> dict:
+    """The upstream echo app's report of the request it got."""
+    response = getattr(client, method)(path)
+    assert response.status_code == 200, response
+    return json.loads(b"".join(response.streaming_content))
+
+
+def test_a_route_by_host_reaches_another_pool_than_the_plain_prefix(
+    fresh_runtime, upstreams
+) -> None:
+    web, internal = Pool.objects.create(name="web"), Pool.objects.create(name="internal")
+    Backend.objects.create(pool=web, url=upstreams[0].url)
+    Backend.objects.create(pool=internal, url=upstreams[1].url)
+    Route.objects.create(prefix="/api/", pool=web)
+    Route.objects.create(
+        prefix="/api/", host="internal.example.com", methods=["GET"], pool=internal, rewrite="/v2/"
+    )
+    plain = Client(HTTP_HOST="testserver")
+    by_host = Client(HTTP_HOST="Internal.Example.com:8000")
+    assert (echo(plain, "/api/x")["backend"], echo(plain, "/api/x")["path"]) == ("a", "/api/x")
+    routed = echo(by_host, "/api/x?y=1")
+    assert (routed["backend"], routed["path"], routed["query"]) == ("b", "/v2/x", "y=1")
+    assert echo(by_host, "/api/x", "post")["backend"] == "a", "GET only: POST takes the plain one"
+    _, routes, _ = runtime_module.database_config()
+    assert routes == [  # only the keys that are set, in the contract's names
+        {"prefix": "/api/", "strip_prefix": False, "pool": "web"},
+        {
+            "prefix": "/api/",
+            "strip_prefix": False,
+            "pool": "internal",
+            "host": "internal.example.com",
+            "rewrite": "/v2/",
+            "methods": ["GET"],
+        },
+    ]
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "message"),
+    [
+        pytest.param(
+            {"split": {"p": 50, "q": 45}},
+            "split",
+            "percentages add up to 95, not 100",
+            id="split-not-100",
+        ),
+        pytest.param(
+            {"split": {"p": 50, "ghost": 50}},
+            "split",
+            "split.ghost: unknown pool 'ghost'",
+            id="split-unknown-pool",
+        ),
+        pytest.param(
+            {"pool": "p", "strip_prefix": True, "rewrite": "/v2/"},
+            "rewrite",
+            "excludes 'strip_prefix': the prefix is replaced either way",
+            id="rewrite-with-strip-prefix",
+        ),
+        pytest.param(
+            {"pool": "p", "methods": ["FETCH"]},
+            "methods",
+            "unknown method 'FETCH'",
+            id="unknown-method",
+        ),
+        pytest.param(
+            {"pool": "p", "timeouts": {"read": -1}},
+            "timeouts",
+            "timeouts.read: must be",
+            id="route-timeouts",
+        ),
+        pytest.param(
+            {}, NON_FIELD_ERRORS, "needs exactly one of 'pool' and 'split'", id="no-pool-no-split"
+        ),
+    ],
+)
+def test_route_clean_puts_each_problem_on_its_field(fields, field, message) -> None:
+    pools = {name: Pool.objects.create(name=name) for name in ("p", "q")}
+    if "pool" in fields:
+        fields = {**fields, "pool": pools[fields["pool"]]}
+    with pytest.raises(ValidationError) as caught:
+        Route(prefix="/api/", **fields).full_clean()
+    errors = caught.value.message_dict
+    assert list(errors) == [field], errors
+    assert errors[field][0].startswith(message), errors
+
+
+@override_settings(BALANCEKIT={"pools": {"canary": {"backends": ["http://10.0.0.1"]}}})
+def test_a_split_may_name_a_database_pool_and_a_settings_pool() -> None:
+    Pool.objects.create(name="api")
+    Route(prefix="/", split={"api": 90, "canary": 10}, split_key="cookie:uid").full_clean()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_migration_keeps_existing_routes_and_lets_prefixes_repeat() -> None:
+    executor = MigrationExecutor(connection)
+    before = [("balancekit", "0001_initial")]
+    executor.migrate(before)
+    old = executor.loader.project_state(before).apps
+    pool = old.get_model("balancekit", "Pool").objects.create(name="api")
+    old.get_model("balancekit", "Route").objects.create(
+        prefix="/api/", pool=pool, strip_prefix=True
+    )
+    executor.loader.build_graph()
+    executor.migrate([("balancekit", "0002_route_conditions_split_rewrite")])
+    assert [r.as_config() for r in Route.objects.all()] == [
+        {"prefix": "/api/", "strip_prefix": True, "pool": "api"}
+    ]
+    Route.objects.create(prefix="/api/", host="api.example.com", split={"api": 100})
+    assert Route.objects.filter(prefix="/api/").count() == 2
+
+
+def test_the_route_admin_shows_conditions_and_splits_and_field_errors(fresh_runtime) -> None:
+    blue, green = Pool.objects.create(name="blue"), Pool.objects.create(name="green")
+    Route.objects.create(prefix="/shop/", split={"blue": 90, "green": 10}, methods=["GET"])
+    operator = Client()
+    operator.force_login(User.objects.create_superuser("root", "root@example.com", "pw"))
+    listed = operator.get("/admin/balancekit/route/")
+    assert b"blue 90%, green 10%" in listed.content and b"GET" in listed.content
+    assert operator.get(f"/admin/balancekit/pool/{blue.pk}/change/").status_code == 200
+    form = {"prefix": "/api/", "pool": green.pk, "methods": '["FETCH"]', "strip_prefix": ""}
+    refused = operator.post("/admin/balancekit/route/add/", {**form, "split": "", "headers": ""})
+    assert refused.status_code == 200, "the form again, with the error on its field"
+    assert (
+        refused.context["adminform"].form.errors["methods"][0].startswith("unknown method 'FETCH'")
+    )
+    assert Route.objects.count() == 1

@@ -218,3 +218,83 @@ def test_no_thread_until_the_first_request_and_none_after_close(serve, upstreams
         time.sleep(0.05)
     kit.balancer.close()
     assert len(balancekit_threads()) == before
+
+
+def test_a_proxy_view_rewrites_and_has_its_own_timeouts(serve, upstreams) -> None:
+    app = flask_app(BALANCEKIT=config_for([upstreams[0].url]))
+    kit = BalanceKit(app)
+    kit.proxy("/search/", pool="search", rewrite="/v2/")
+    kit.proxy(
+        "/slowly/", pool="search", rewrite="/", timeouts={"read": 0.3}, retries={"attempts": 1}
+    )
+    server = serve(app, wsgi=True)
+    echoed = httpx.get(f"{server.url}/search/q?term=x").json()
+    assert (echoed["path"], echoed["query"]) == ("/v2/q", "term=x")
+    assert httpx.get(f"{server.url}/search").json()["path"] == "/v2"
+    started = time.monotonic()
+    problem(httpx.get(f"{server.url}/slowly/sleep?s=2"), 504)  # the pool's read timeout is 60
+    assert time.monotonic() - started < 1.5
+    assert upstreams[0].app.seen[-1] == "/sleep"
+
+
+def test_a_split_proxy_view_keeps_each_key_on_its_side(serve, upstreams) -> None:
+    config = {
+        "pools": {
+            "blue": {"backends": [upstreams[0].url]},
+            "green": {"backends": [upstreams[1].url]},
+        }
+    }
+    app = flask_app(BALANCEKIT=config)
+    BalanceKit(app).proxy("/shop/", split={"blue": 50, "green": 50}, split_key="header:X-User")
+    server = serve(app, wsgi=True)
+    sides: dict[str, set[str]] = {}
+    with httpx.Client(base_url=server.url) as client:
+        for _ in range(3):
+            for user in range(20):
+                answer = client.get("/shop/cart", headers={"x-user": f"user-{user}"}).json()
+                sides.setdefault(f"user-{user}", set()).add(answer["backend"])
+    assert all(len(seen) == 1 for seen in sides.values()), sides
+    assert set().union(*sides.values()) == {"a", "b"}, "both sides of the split are used"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        pytest.param(
+            {"split": {"blue": 50, "green": 45}},
+            r"proxy\('/shop'\)\.split: percentages add up to 95, not 100",
+            id="split-not-100",
+        ),
+        pytest.param(
+            {"pool": "blue", "split": {"blue": 100}},
+            r"proxy\('/shop'\): needs exactly one of 'pool' and 'split'",
+            id="pool-and-split",
+        ),
+        pytest.param(
+            {"split": {"blue": 100}, "split_key": "session"},
+            r"proxy\('/shop'\)\.split_key: must be 'ip', 'header:NAME'",
+            id="bad-split-key",
+        ),
+        pytest.param(
+            {"pool": "blue", "rewrite": "/v2/", "strip_prefix": True},
+            r"proxy\('/shop'\)\.rewrite: excludes 'strip_prefix'",
+            id="rewrite-and-strip-prefix",
+        ),
+        pytest.param(
+            {"pool": "blue", "timeouts": {"raed": 1}},
+            r"proxy\('/shop'\)\.timeouts\.raed: unknown key; did you mean 'read'\?",
+            id="route-timeouts-typo",
+        ),
+    ],
+)
+def test_a_bad_proxy_route_fails_at_registration(options, message) -> None:
+    kit = BalanceKit()  # no app yet: the route alone is checked
+    with pytest.raises(ConfigError, match=message):
+        kit.proxy("/shop/", **options)
+
+
+def test_a_split_over_an_unknown_pool_fails_when_it_reaches_an_app() -> None:
+    kit = BalanceKit()
+    kit.proxy("/shop/", split={"search": 90, "ghost": 10})
+    with pytest.raises(ConfigError, match=r"proxy\('/shop'\): unknown pool 'ghost'"):
+        kit.init_app(flask_app(BALANCEKIT=config_for(["http://127.0.0.1:1"])))
