@@ -95,7 +95,7 @@ class Routed:
         route: Route,
         pool: Pool,
         request: RequestInfo,
-        raw_path: str,
+        target_path: str,
         headers: RawHeaders,
         has_body: bool,
         access_log: bool,
@@ -104,7 +104,7 @@ class Routed:
         self.pool = pool
         self.request = request
         query = request.query
-        self.target = route.upstream_path(raw_path) + (f"?{query}" if query else "")
+        self.target = target_path + (f"?{query}" if query else "")
         self.headers = headers
         self.has_body = has_body
         self.access_log = access_log
@@ -187,4 +187,8 @@ def classify(
         trusted=client_ip in model.trusted_proxies,
         host=None if pool.config.preserve_host else b"",
     )
-    return Routed(route, pool, request, upstream_path, forwarded, has_body, model.access_log)
+    target_path = route.upstream_path(upstream_path)
+    if target_path is None:
+        detail = "an encoded slash in the prefix this route replaces"
+        return Refuse(*problem(400, detail, close=True))
+    return Routed(route, pool, request, target_path, forwarded, has_body, model.access_log)

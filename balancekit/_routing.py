@@ -88,15 +88,38 @@ class Route:
                 return pool
         return split[-1][0]  # not reached: the bounds end at 100
 
-    def upstream_path(self, path: str) -> str:
-        """The path sent upstream: ``path`` itself, what follows the prefix
-        (``strip_prefix``), or that after ``rewrite``."""
+    def upstream_path(self, raw_path: str) -> str | None:
+        """The path sent upstream: ``raw_path`` (normalised, its
+        percent-encoding kept) itself, what follows the prefix
+        (``strip_prefix``), or that after ``rewrite``.
+
+        The prefix matched the decoded path, so it is cut from the raw one
+        by segments, not by length: ``/%61pi/x`` under ``/api`` leaves
+        ``/x``. None when the two do not line up (an encoded slash inside
+        the prefix): the part to cut is then ambiguous.
+        """
+        if self.rewrite is None and not self.strip_prefix:
+            return raw_path
+        prefix = self.prefix
+        cut = len(prefix)
+        if raw_path[:cut] != prefix:  # percent-encoding inside the prefix
+            cut = _segments_end(raw_path, prefix.count("/"))
+            if unquote(raw_path[:cut]) != prefix:
+                return None
+        rest = raw_path[cut:]
         if self.rewrite is not None:
-            return (self.rewrite + path[len(self.prefix) :]) or "/"
-        if not self.strip_prefix:
-            return path
-        rest = path[len(self.prefix) :]
+            return (self.rewrite + rest) or "/"
         return rest if rest.startswith("/") else "/" + rest
+
+
+def _segments_end(path: str, segments: int) -> int:
+    """Where the first ``segments`` segments of ``path`` end."""
+    at = 0
+    for _ in range(segments):
+        at = path.find("/", at + 1)
+        if at < 0:
+            return len(path)
+    return at
 
 
 def _norm_prefix(prefix: str) -> str:

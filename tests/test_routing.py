@@ -3,6 +3,8 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, strategies as st
 
+from balancekit import Balancer
+from balancekit._classify import Refuse, Routed
 from balancekit._routing import BadPath, Route, RouteTable, normalize_path, remove_dot_segments
 
 
@@ -55,6 +57,41 @@ def test_no_routes_match_nothing() -> None:
 def test_strip_prefix(path: str, upstream: str) -> None:
     assert Route("/api", "api", strip_prefix=True).upstream_path(path) == upstream
     assert Route("/api", "api").upstream_path(path) == path
+
+
+@pytest.mark.parametrize(
+    ("raw", "stripped", "rewritten"),
+    [
+        pytest.param("/%61pi/users", "/users", "/v2/users", id="encoded-prefix"),
+        pytest.param("/a%70i/v1/%75sers", "/v1/%75sers", "/v2/v1/%75sers", id="encoded-rest-kept"),
+        pytest.param("/%61pi", "/", "/v2", id="bare"),
+        pytest.param("/api/%2Fx", "/%2Fx", "/v2/%2Fx", id="encoded-slash-after"),
+    ],
+)
+def test_the_prefix_is_cut_from_the_raw_path_by_segments(
+    raw: str, stripped: str, rewritten: str
+) -> None:
+    # The route matched the decoded path; the raw one keeps its encoding,
+    # so its prefix is not as long as the decoded one.
+    assert Route("/api", "api", strip_prefix=True).upstream_path(raw) == stripped
+    assert Route("/api", "api", rewrite="/v2").upstream_path(raw) == rewritten
+
+
+def test_an_encoded_slash_inside_a_replaced_prefix_is_refused() -> None:
+    balancer = Balancer(
+        {
+            "pools": {"api": {"backends": ["http://127.0.0.1:9001"]}},
+            "routes": [
+                {"prefix": "/a/b/", "pool": "api", "strip_prefix": True},
+                {"prefix": "/c/d/", "pool": "api"},
+            ],
+        }
+    )
+    host = [(b"host", b"t")]
+    verdict = balancer.classify("GET", "/a%2Fb/x", host)
+    assert isinstance(verdict, Refuse) and verdict.status == 400
+    kept = balancer.classify("GET", "/c%2Fd/x", host)  # nothing to cut: sent as it came
+    assert isinstance(kept, Routed) and kept.target == "/c%2Fd/x"
 
 
 @pytest.mark.parametrize(
