@@ -361,9 +361,11 @@ class Pool:
             seconds = backend.ejected_until - self._clock()
             self.on_change(self, Change(Op.EJECT, backend.url, seconds=seconds))
 
-    def try_acquire_retry(self) -> bool:
+    def try_acquire_retry(self, budget_percent: float | None = None) -> bool:
         """Take a place in the retry budget; False when it is spent.
 
+        ``budget_percent`` is the route's, where it has its own retry
+        terms; the places it counts are the pool's, shared by every route.
         The budget is a share of the pool's active requests: those holding
         a backend and those between two tries (backing off), which are as
         much in progress. Counting only the first, a few requests backing
@@ -371,7 +373,9 @@ class Pool:
         """
         with self._lock:
             active = self.active_requests + self.retries_waiting
-            budget = max(RETRY_BUDGET_FLOOR, active * self.retries.budget_percent / 100)
+            if budget_percent is None:
+                budget_percent = self.retries.budget_percent
+            budget = max(RETRY_BUDGET_FLOOR, active * budget_percent / 100)
             if self.retries_active >= budget:
                 return False
             self.retries_active += 1

@@ -163,6 +163,23 @@ def test_retry_budget_has_a_floor_of_three() -> None:
     assert pool.try_acquire_retry()
 
 
+def test_retry_budget_counts_requests_between_tries_and_takes_a_routes_percent() -> None:
+    pool = make_pool(A, retries={"attempts": 3, "budget_percent": 50})
+    pool.active_requests = 8  # requests holding a backend
+    # Each granted retry backs off first, holding no backend, yet its
+    # request is still the pool's: 50% of 8, 9, 10, ... requests.
+    assert [pool.try_acquire_retry() for _ in range(9)] == [True] * 8 + [False]
+    assert pool.retries_waiting == 8
+    pool.retry_began()  # one retry's try has its backend
+    pool.active_requests += 1
+    pool.release_retry()
+    for _ in range(7):
+        pool.release_retry(began=False)  # the others ended before they began
+    assert pool.retries_active == 0 and pool.retries_waiting == 0
+    # A route's own percent, against the same places; the floor still holds.
+    assert [pool.try_acquire_retry(budget_percent=10) for _ in range(4)] == [True] * 3 + [False]
+
+
 def test_state_changes_reach_the_hook_and_a_broken_observer_is_contained() -> None:
     seen = []
 
