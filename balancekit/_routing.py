@@ -257,6 +257,9 @@ class RouteTable:
         #: Whether a lookup must see the headers (a host, method or header
         #: condition); without, :meth:`match` needs the path alone.
         self.needs_headers = bool(exact or wild or self._default.conditional)
+        #: Without conditions, the route of each prefix (the first given):
+        #: a lookup is then a dict probe per path segment and nothing else.
+        self._plain = {prefix: group[0] for prefix, group in self._default.prefixes.items()}
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self._routes)
@@ -268,10 +271,20 @@ class RouteTable:
         self, path: str, method: str | None = None, headers: RawHeaders | None = None
     ) -> Route | None:
         """The route for a request (``path`` normalised), or None."""
-        if not self._routes:
-            return None
         if not self.needs_headers:
-            return self._default.match(path, None, None)
+            # The common case, kept as lean as the prefix-only table was.
+            plain = self._plain
+            if not plain:
+                return None
+            candidate = path
+            while True:
+                route = plain.get(candidate)
+                if route is not None:
+                    return route
+                cut = candidate.rfind("/")
+                if cut < 0:
+                    return None
+                candidate = candidate[:cut]
         for table in self._tables(request_host(headers)):
             route = table.match(path, method, headers)
             if route is not None:
