@@ -307,7 +307,7 @@ class Attempts:
 
     def _reserve(self) -> bool:
         pool = self.pool
-        if not pool.try_acquire_retry(self.retries.budget_percent):
+        if not pool.try_acquire_retry(self.retries.budget_percent, asking=self.backend is None):
             return False
         self.reserved = True
         if pool.metrics is not None:

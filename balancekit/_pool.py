@@ -361,18 +361,22 @@ class Pool:
             seconds = backend.ejected_until - self._clock()
             self.on_change(self, Change(Op.EJECT, backend.url, seconds=seconds))
 
-    def try_acquire_retry(self, budget_percent: float | None = None) -> bool:
+    def try_acquire_retry(
+        self, budget_percent: float | None = None, *, asking: bool = False
+    ) -> bool:
         """Take a place in the retry budget; False when it is spent.
 
         ``budget_percent`` is the route's, where it has its own retry
         terms; the places it counts are the pool's, shared by every route.
         The budget is a share of the pool's active requests: those holding
-        a backend and those between two tries (backing off), which are as
-        much in progress. Counting only the first, a few requests backing
-        off at once would shrink the base they are measured against.
+        a backend, those between two tries (backing off), and the one
+        asking, which has given its backend back (``asking``). Counting
+        only the first, a few requests failing at once would shrink the
+        base they are measured against: four clients whose requests all
+        failed together found a budget of 100% spent after three retries.
         """
         with self._lock:
-            active = self.active_requests + self.retries_waiting
+            active = self.active_requests + self.retries_waiting + asking
             if budget_percent is None:
                 budget_percent = self.retries.budget_percent
             budget = max(RETRY_BUDGET_FLOOR, active * budget_percent / 100)
