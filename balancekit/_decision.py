@@ -37,6 +37,6 @@ def may_retry(
     return method in IDEMPOTENT_METHODS
 
 
-def is_failure(status: int) -> bool:
-    """Whether an upstream answer counts against its backend (as Envoy's 5xx)."""
-    return status >= 500
+#: The answers that count against their backend unless a pool's
+#: ``failure_statuses`` says otherwise: every 5xx, as Envoy's consecutive_5xx.
+FIVE_XX = frozenset(range(500, 600))

@@ -249,7 +249,17 @@ class _Exchange:
                         await self._problem(exc)
                         return
                 try:
-                    response = await self._send(attempts, backend)
+                    if attempts.deadline:
+                        response = await self._send_within_deadline(attempts, backend)
+                    else:  # the common case, without a coroutine of its own
+                        response = await self.engine.transport.send(
+                            backend,
+                            self.request.method,
+                            self.target,
+                            with_host(routed.headers, backend, pool.config.preserve_host),
+                            self.body,
+                            attempts.timeouts,
+                        )
                 except ClientDisconnected:
                     self.disconnected = True  # says nothing of the backend
                     return
@@ -271,7 +281,9 @@ class _Exchange:
                     attempts.release(ok=False)
                     await self._problem(UpstreamProtocolError(pool=pool.name))
                     return
-                if attempts.retry_status(status, body_replayable=body is None or body.replayable):
+                if status in attempts.retries.on_status and attempts.retry_status(
+                    status, body_replayable=body is None or body.replayable
+                ):
                     attempts.answered(status)
                     await response.aclose()
                     if await self._backoff(attempts):
@@ -307,16 +319,12 @@ class _Exchange:
                 raise
         return attempts.dequeue(waiter)
 
-    async def _send(self, attempts: Attempts, backend: Backend) -> UpstreamResponse:
+    async def _send_within_deadline(self, attempts: Attempts, backend: Backend) -> UpstreamResponse:
         """One try: the request to ``backend``, up to the response head,
         within what is left of ``timeouts.total``."""
         request = self.request
         headers = with_host(self.routed.headers, backend, self.pool.config.preserve_host)
         send = self.engine.transport.send
-        if not attempts.deadline:
-            return await send(
-                backend, request.method, self.target, headers, self.body, attempts.timeouts
-            )
         timeouts = attempts.try_timeouts()
         if timeouts is None:
             raise deadline_passed(self.pool.name)

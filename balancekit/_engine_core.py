@@ -275,7 +275,7 @@ class Attempts:
     def answered(self, status: int) -> float | None:
         """The upstream's response ended: release with its verdict (the
         pool's ``failure_statuses`` say which statuses count as failures)."""
-        return self.release(ok=not self.pool.is_failure(status), code=status)
+        return self.release(ok=status not in self.pool.failure_statuses, code=status)
 
     def retry(self, error: ProxyError, *, body_replayable: bool) -> bool:
         """After a released failed try: whether to try another backend."""

@@ -231,7 +231,9 @@ class SyncEngine:
                     attempts.release(ok=False)
                     error = UpstreamProtocolError(pool=pool.name)
                     return self._problem(error, routed, start_response)
-                if attempts.retry_status(status, body_replayable=body is None or body.replayable):
+                if status in attempts.retries.on_status and attempts.retry_status(
+                    status, body_replayable=body is None or body.replayable
+                ):
                     attempts.answered(status)
                     response.close()
                     if _backoff(attempts):

@@ -19,7 +19,7 @@ from . import _outlier
 from ._backend import Backend, BackendState
 from ._changes import Change, Op
 from ._config import validate_backend
-from ._decision import is_failure
+from ._decision import FIVE_XX
 from ._exceptions import NoEligibleBackend
 from ._slow_start import NEVER, SlowStart
 from .algorithms.base import overrides
@@ -118,7 +118,9 @@ class Pool:
         self._next_timer = NEVER
         outlier = self.outlier
         #: The statuses that count against a backend (None: every 5xx).
-        self._failure_statuses = None if outlier is None else outlier.failure_statuses
+        self.failure_statuses: frozenset[int] = (
+            FIVE_XX if outlier is None else outlier.failure_statuses
+        )
         #: The interval detectors on (success rate, failure percentage).
         detectors = () if outlier is None else (outlier.success_rate, outlier.failure_percentage)
         self._intervals = tuple(_outlier.Interval(d, clock()) for d in detectors if d is not None)
@@ -176,7 +178,10 @@ class Pool:
         with self._lock:
             if prefer is not None and self._pinnable(prefer):
                 return self._take(prefer)
-            candidates = self._candidates(exclude)
+            if exclude or self._saturated:
+                candidates = self._candidates(exclude)
+            else:  # the common case, without a call
+                candidates = self._primary or self._backup
             if not candidates:
                 raise self._none_eligible()
             return self._take(self._algorithm.pick(candidates, request))
@@ -308,7 +313,11 @@ class Pool:
         changed = None
         streak = 0
         with self._lock:
-            self._untake(backend)
+            # _untake(), written out: this is every request's way out.
+            if backend.active_requests == self.max_connections:
+                self._saturated -= 1
+            backend.active_requests -= 1
+            self.active_requests -= 1
             backend.released_total += 1  # with failures_total: the interval detectors' counts
             if latency_ms is not None:
                 backend.record_latency(latency_ms, failed=not ok, at=self._clock())
@@ -338,8 +347,7 @@ class Pool:
         """Whether an answer with ``status`` counts against its backend: in
         ``outlier_detection.failure_statuses`` when that table is given,
         else any 5xx."""
-        statuses = self._failure_statuses
-        return is_failure(status) if statuses is None else status in statuses
+        return status in self.failure_statuses
 
     def eject_for_failures(self, url: str, failures: int) -> None:
         """Eject ``url`` for ``failures`` consecutive failures counted across
