@@ -184,7 +184,7 @@ def classify(
         headers,
         client_ip=client_ip or "unknown",
         scheme=scheme,
-        trusted=client_ip in model.trusted_proxies,
+        trusted=bool(model.trusted_proxies.networks) and client_ip in model.trusted_proxies,
         host=None if pool.config.preserve_host else b"",
     )
     target_path = route.upstream_path(upstream_path)

@@ -78,26 +78,27 @@ def upstream_request_headers(
     scheme: str,
     trusted: bool,
     host: bytes | None,
+    drop: frozenset[bytes] = HOP_BY_HOP_HEADERS,
 ) -> RawHeaders:
     """The headers to send upstream.
 
     ``host`` is the Host to send (the backend's), or None to keep the
     client's (``preserve_host``). X-Forwarded-For/Proto/Host are set from
     this hop; when the client is a trusted proxy its own values are kept and
-    For is appended to.
+    For is appended to. ``drop``: the hop-by-hop names, to which the
+    options of a Connection header are added (then the headers are walked
+    again: a Connection header that names more than keep-alive or close is
+    rare, and one walk is every other request's cost).
     """
-    drop = HOP_BY_HOP_HEADERS
-    if any(name == b"connection" for name, _ in headers):
-        extra = _connection_tokens(headers)
-        if extra:
-            drop = drop | extra
     out: RawHeaders = []
     client_host = b""
     seen_for: list[bytes] = []
-    seen_proto = seen_host = False
+    seen_proto = seen_host = connection = False
     for name, value in headers:
         lname = name.lower()
         if lname in drop:
+            if lname == b"connection":
+                connection = True
             continue
         if lname == b"host":
             client_host = value
@@ -114,6 +115,17 @@ def upstream_request_headers(
             else:
                 seen_host = True
         out.append((lname, value))
+    if connection and drop is HOP_BY_HOP_HEADERS:
+        extra = _connection_tokens(headers)
+        if extra:
+            return upstream_request_headers(
+                headers,
+                client_ip=client_ip,
+                scheme=scheme,
+                trusted=trusted,
+                host=host,
+                drop=drop | extra,
+            )
     if host is not None:
         out.insert(0, (b"host", host))
     ip = client_ip.encode("latin-1")

@@ -366,7 +366,7 @@ def normalize_path(raw_path: str) -> tuple[str, str]:
     if raw_path[:1] != "/":
         return raw_path, raw_path
     if "%" not in raw_path:
-        resolved = remove_dot_segments(raw_path)
+        resolved = remove_dot_segments(raw_path) if "/." in raw_path else raw_path
         return resolved, resolved
     raw = raw_path.replace("%2e", ".").replace("%2E", ".")
     resolved = remove_dot_segments(raw)
