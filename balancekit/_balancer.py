@@ -90,6 +90,7 @@ class Balancer:
         self.metrics: Metrics | None = None
         if metrics_registry is not None or (self.config.status.enabled and metrics_available()):
             self.metrics = Metrics(metrics_registry)
+            self.metrics.bind(self)
             for name, pool in self.pools.items():
                 pool.metrics = self.metrics.pool(name)
         #: The status path's endpoint, when ``[status] enabled`` (a restart
@@ -209,6 +210,7 @@ class Balancer:
             self.trusted_proxies,
             self.config.access_log,
             self.status_endpoint,
+            self.config.request_id.lower().encode("latin-1"),
         )
 
     def classify(
@@ -305,6 +307,8 @@ class Balancer:
         run in another loop of this process already (idempotent)."""
 
         loop = asyncio.get_running_loop()
+        if self.metrics is not None:
+            self.metrics.start()  # several workers: each writes its pool gauges
         with self._lock:
             if any(not other.is_closed() for other in self._schedulers):
                 return  # one set of checks per process: every loop shares the pools

@@ -84,6 +84,7 @@ class Routed:
         "headers",
         "pool",
         "request",
+        "request_id",
         "retries",
         "route",
         "target",
@@ -98,7 +99,7 @@ class Routed:
         target_path: str,
         headers: RawHeaders,
         has_body: bool,
-        access_log: bool,
+        access_log: bool | str,
     ) -> None:
         self.route = route
         self.pool = pool
@@ -108,6 +109,8 @@ class Routed:
         self.headers = headers
         self.has_body = has_body
         self.access_log = access_log
+        #: (header name, value) of the request id, sent upstream and back.
+        self.request_id: tuple[bytes, bytes] | None = None
         terms = route.terms.get(pool.name) if route.terms else None
         if terms is None:
             self.timeouts: TimeoutsConfig = pool.timeouts
@@ -130,8 +133,10 @@ class Model:
     routes: RouteTable
     pools: dict[str, Pool]
     trusted_proxies: TrustedProxies
-    access_log: bool
+    access_log: bool | str
     status: StatusEndpoint | None
+    #: The request id header, lower case (b"" for none).
+    request_id: bytes = b""
 
 
 def classify(
@@ -186,9 +191,13 @@ def classify(
         scheme=scheme,
         trusted=bool(model.trusted_proxies.networks) and client_ip in model.trusted_proxies,
         host=None if pool.config.preserve_host else b"",
+        request_id=model.request_id,
     )
     target_path = route.upstream_path(upstream_path)
     if target_path is None:
         detail = "an encoded slash in the prefix this route replaces"
         return Refuse(*problem(400, detail, close=True))
-    return Routed(route, pool, request, target_path, forwarded, has_body, model.access_log)
+    routed = Routed(route, pool, request, target_path, forwarded, has_body, model.access_log)
+    if model.request_id:
+        routed.request_id = forwarded[-1]  # upstream_request_headers puts it last
+    return routed

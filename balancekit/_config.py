@@ -16,7 +16,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -26,6 +26,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    PlainValidator,
     ValidationError,
     field_validator,
 )
@@ -437,6 +438,40 @@ class StatusConfig(Schema):
     allow: CIDRList = ()
 
 
+#: Headers balancekit itself writes or drops: a request id cannot be one.
+_NOT_A_REQUEST_ID = frozenset(
+    {
+        "host",
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+    }
+)
+
+
+def _request_id(value: str) -> str:
+    if not value:
+        return value  # off
+    if not _TOKEN.fullmatch(value):
+        raise ValueError(f'must be a header name (or "" for none), got {value!r}')
+    if value.lower() in _NOT_A_REQUEST_ID:
+        raise ValueError(f"{value!r} is a header balancekit sets itself; name another")
+    return value
+
+
+def _access_log(value: Any) -> bool | str:
+    if value is True or value is False or value == "json":
+        return value  # type: ignore[no-any-return]
+    raise ValueError(f'must be true, false or "json", got {value!r}')
+
+
 def _secrets(value: Any) -> Any:
     if isinstance(value, list) and not value:
         raise ValueError("must be a string or a non-empty list of strings, got []")
@@ -450,7 +485,10 @@ class BalancerConfig(Schema):
     store: str = "memory://"
     trusted_proxies: CIDRList = ()
     transport: str = "httptools"
-    access_log: bool = False
+    #: True: one text line per proxied request; "json": one JSON object.
+    access_log: Annotated[bool | Literal["json"], PlainValidator(_access_log)] = False
+    #: The header that carries a request's id upstream and back ("" for none).
+    request_id: Annotated[str, AfterValidator(_request_id)] = "X-Request-ID"
     pools: dict[str, PoolConfig] = Field(default_factory=dict)
     routes: list[RouteConfig] = Field(default_factory=list)
     status: StatusConfig = StatusConfig()

@@ -12,16 +12,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
+from ._access import log_access
 from ._engine_core import (
     Attempts,
     ClientDisconnected,
     RequestBodyBase,
     caused_by_client,
     deadline_passed,
-    log_access,
     valid_status,
     with_host,
 )
@@ -177,6 +178,11 @@ class _Exchange:
         self.finished = False
         self.response_started = False
         self.body = RequestBody(receive, self._watch_disconnect) if routed.has_body else None
+        # For the access log: what the client got, and when it came.
+        self.started = time.perf_counter() if routed.access_log else 0.0
+        self.status = 499  # until an answer starts: the client left first
+        self.sent = 0
+        self.attempts: Attempts | None = None
 
     # --- disconnect detection -------------------------------------------------------
 
@@ -220,12 +226,22 @@ class _Exchange:
                 raise  # the server drops the connection: the client sees it cut
             self.finished = True
             error = ProxyError(pool=self.pool.name)
+            self.status = error.status_code
             await _respond(self.send, *error_problem(error))
         finally:
             self.finished = True
             self.engine.unwatch(self)
             if self.watcher is not None:
                 self.watcher.cancel()
+            if self.routed.access_log:
+                log_access(
+                    self.routed,
+                    self.status,
+                    self.attempts,
+                    started=self.started,
+                    sent=self.sent,
+                    disconnected=self.disconnected,
+                )
 
     async def _run(self) -> None:
         routed = self.routed
@@ -235,7 +251,7 @@ class _Exchange:
             await body.buffer(pool.config.request_buffer)
         persistence = pool.persistence
         pinned = None if persistence is None else await persistence.afind(self.request, pool)
-        attempts = Attempts(
+        attempts = self.attempts = Attempts(
             pool, self.request, pinned, timeouts=routed.timeouts, retries=routed.retries
         )
         try:
@@ -268,7 +284,7 @@ class _Exchange:
                     if caused_by_client(exc):
                         self.disconnected = True
                         return
-                    attempts.release(ok=False, code=exc.status_code)
+                    attempts.failed(exc)
                     if attempts.retry(exc, body_replayable=body is None or body.replayable):
                         if await self._backoff(attempts):
                             continue
@@ -278,8 +294,9 @@ class _Exchange:
                 status = response.status
                 if not valid_status(status):
                     await response.aclose()
-                    attempts.release(ok=False)
-                    await self._problem(UpstreamProtocolError(pool=pool.name))
+                    error = UpstreamProtocolError(pool=pool.name)
+                    attempts.failed(error)
+                    await self._problem(error)
                     return
                 if status in attempts.retries.on_status and attempts.retry_status(
                     status, body_replayable=body is None or body.replayable
@@ -349,8 +366,8 @@ class _Exchange:
         """Stream the upstream response to the client, settling the counters
         before the client sees the end, so status never lags what it saw."""
         try:
-            status = response.status
-            headers = downstream_response_headers(response.headers)
+            status = self.status = response.status
+            headers = downstream_response_headers(response.headers, self.routed.request_id)
             persistence = self.pool.persistence
             if persistence is not None and backend is not attempts.pinned:
                 headers += await persistence.aremember(self.request, backend, self.pool)
@@ -358,18 +375,22 @@ class _Exchange:
             await self.send({"type": "http.response.start", "status": status, "headers": headers})
             send = self.send
             read = response.read
-            while chunk := await read():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            sent = 0
+            try:
+                while chunk := await read():
+                    sent += len(chunk)
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            finally:
+                self.sent = sent
             self.finished = True
-            latency = attempts.answered(status)
+            attempts.answered(status)
             await response.aclose()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-            if self.routed.access_log:
-                log_access(self.request, self.target, self.pool.name, status, backend, latency)
-        except ProxyError:
+        except ProxyError as exc:
             # Response bytes already reached the client: too late for a 502.
             # Ending without completing the response makes the server drop
             # the connection, so the client sees a truncated response.
+            attempts.note(exc)
             logger.warning("pool %s: upstream failed mid-response", self.pool.name)
         finally:
             if not self.finished:  # the upstream failed, or the client left
@@ -377,10 +398,14 @@ class _Exchange:
 
     async def _problem(self, error: ProxyError) -> None:
         logger.warning("pool %s: %s", self.pool.name, error.detail)
-        if self.routed.access_log:
-            log_access(self.request, self.target, self.pool.name, error.status_code, None, None)
+        if self.attempts is not None:
+            self.attempts.note(error)
         self.finished = True
-        await _respond(self.send, *error_problem(error))
+        status, headers, body = error_problem(error)
+        if self.routed.request_id is not None:
+            headers.append(self.routed.request_id)
+        self.status, self.sent = status, len(body)
+        await _respond(self.send, status, headers, body)
 
 
 __all__ = ["AsyncEngine", "RequestBody"]

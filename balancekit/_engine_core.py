@@ -8,12 +8,13 @@ again. Counters, the retry budget and every verdict live here, so the async
 
 from __future__ import annotations
 
-import logging
 import math
 import random
 import time
+from functools import partial
 from typing import TYPE_CHECKING
 
+from ._access import flag_for
 from ._decision import IDEMPOTENT_METHODS, may_retry
 from ._exceptions import NoEligibleBackend, UpstreamTimeout
 
@@ -26,8 +27,6 @@ if TYPE_CHECKING:
     from ._pool import Pool, Waiter
     from ._request import RequestInfo
     from ._types import RawHeaders
-
-access_logger = logging.getLogger("balancekit.access")
 
 #: Limits on a routed request's header block, as Envoy's defaults
 #: (max_request_headers_kb = 60, max_headers_count = 100).
@@ -151,14 +150,17 @@ class Attempts:
     if so; ``backoff()`` is how long to wait before that retry, and
     ``remaining()`` what is left of ``timeouts.total``. ``close()`` settles
     whatever is still held, on every way out, so no counter is ever left
-    behind.
+    behind. ``flags`` collects the access log's reason flags on the way
+    (see :mod:`balancekit._access`), ``latency_ms`` the last try's time.
     """
 
     __slots__ = (
         "attempt",
         "backend",
         "deadline",
+        "flags",
         "in_budget",
+        "latency_ms",
         "pinned",
         "pool",
         "request",
@@ -192,6 +194,8 @@ class Attempts:
         self.in_budget = False  # the current try holds a place in the budget
         self.reserved = False  # the next try does
         self.started = 0.0
+        self.flags: list[str] = []
+        self.latency_ms: float | None = None
         total = self.timeouts.total
         #: ``time.monotonic()`` by which the response head must have come.
         self.deadline = time.monotonic() + total if total else 0.0
@@ -241,10 +245,12 @@ class Attempts:
             return self._began(backend)
         if self.deadline and self.remaining() <= 0:
             raise deadline_passed(self.pool.name)
-        raise NoEligibleBackend(
+        error = NoEligibleBackend(
             f"no backend of pool {self.pool.name!r} came free within queue_timeout",
             pool=self.pool.name,
         )
+        error.full = True  # overflow: backends were eligible, only busy
+        raise error
 
     def abandon(self, waiter: Waiter) -> None:
         """The client left while queued: its place, or a backend handed over
@@ -263,6 +269,7 @@ class Attempts:
             return None
         self.backend = None
         latency = (time.perf_counter() - self.started) * 1000.0 if timed else None
+        self.latency_ms = latency
         pool = self.pool
         pool.release(backend, ok=ok, latency_ms=latency)
         if pool.metrics is not None:
@@ -277,18 +284,40 @@ class Attempts:
         pool's ``failure_statuses`` say which statuses count as failures)."""
         return self.release(ok=status not in self.pool.failure_statuses, code=status)
 
+    def failed(self, error: ProxyError) -> None:
+        """The current try failed with ``error``: release it as a failure."""
+        self.release(ok=False, code=error.status_code)
+        self.note(error)
+
+    def note(self, error: ProxyError) -> None:
+        """Keep ``error``'s reason flag for the access log (and count an
+        answer for want of a backend in the metrics)."""
+        flag = flag_for(error)
+        if flag not in self.flags:
+            self.flags.append(flag)
+        if flag in ("UH", "UO") and self.pool.metrics is not None:
+            self.pool.metrics.no_backend()
+
     def retry(self, error: ProxyError, *, body_replayable: bool) -> bool:
         """After a released failed try: whether to try another backend."""
-        if not may_retry(
+        allowed = partial(
+            may_retry,
             error,
             method=self.request.method,
             attempt=self.attempt,
-            attempts=self.retries.attempts,
             response_started=False,
             body_replayable=body_replayable,
-        ):
+        )
+        if not allowed(attempts=self.retries.attempts):
+            if allowed(attempts=self.attempt + 1):  # only the limit said no
+                self._exhausted()
             return False
         return self._reserve()
+
+    def _exhausted(self) -> None:
+        # With ``attempts = 1`` there were no retries to run out of.
+        if self.retries.attempts > 1 and "URX" not in self.flags:
+            self.flags.append("URX")
 
     def retry_status(self, status: int, *, body_replayable: bool) -> bool:
         """An answer's head has come: whether to drop it and try another
@@ -297,17 +326,24 @@ class Attempts:
         retries = self.retries
         if (
             status not in retries.on_status
-            or self.attempt >= retries.attempts
             or not body_replayable
             or self.request.method not in IDEMPOTENT_METHODS
             or (self.deadline and self.remaining() <= 0)
         ):
             return False
-        return self._reserve()
+        if self.attempt >= retries.attempts:
+            self._exhausted()
+            return False
+        if not self._reserve():
+            return False
+        if "RS" not in self.flags:
+            self.flags.append("RS")
+        return True
 
     def _reserve(self) -> bool:
         pool = self.pool
         if not pool.try_acquire_retry(self.retries.budget_percent, asking=self.backend is None):
+            self._exhausted()  # the budget is spent
             return False
         self.reserved = True
         if pool.metrics is not None:
@@ -370,23 +406,3 @@ class Attempts:
 def deadline_passed(pool: str) -> UpstreamTimeout:
     """The 504 for a request whose ``timeouts.total`` ran out."""
     return UpstreamTimeout("no response within the total timeout (timeouts.total)", pool=pool)
-
-
-def log_access(
-    request: RequestInfo,
-    target: str,
-    pool: str,
-    status: int,
-    backend: Backend | None,
-    latency: float | None,
-) -> None:
-    access_logger.info(
-        '%s "%s %s" %d pool=%s backend=%s %.1fms',
-        request.client_ip or "-",
-        request.method,
-        target,
-        status,
-        pool,
-        backend.url if backend else "-",
-        latency or 0.0,
-    )

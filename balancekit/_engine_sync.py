@@ -15,13 +15,13 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from ._access import log_access
 from ._engine_core import (
     Attempts,
     ClientDisconnected,
     RequestBodyBase,
     caused_by_client,
     deadline_passed,
-    log_access,
     valid_status,
     with_host,
 )
@@ -33,7 +33,6 @@ from ._transports import make_sync_transport
 if TYPE_CHECKING:
     from ._backend import Backend
     from ._classify import Routed
-    from ._request import RequestInfo
     from ._transports import SyncResponse
     from ._types import RawHeaders
 
@@ -181,6 +180,7 @@ class SyncEngine:
     def _proxy(
         self, routed: Routed, body: RequestBody | None, start_response: StartResponse
     ) -> WSGIResponse:
+        started = time.perf_counter() if routed.access_log else 0.0
         pool, request, target = routed.pool, routed.request, routed.target
         headers = routed.headers
         preserve_host = pool.config.preserve_host
@@ -198,7 +198,7 @@ class SyncEngine:
                     try:
                         backend = _queue(attempts, full)
                     except ProxyError as exc:  # no place, or none came free
-                        return self._problem(exc, routed, start_response)
+                        return self._problem(exc, routed, start_response, attempts, started)
                 try:
                     timeouts = attempts.try_timeouts()
                     if timeouts is None:
@@ -213,24 +213,26 @@ class SyncEngine:
                     )
                 except ClientDisconnected:
                     attempts.client_left()  # says nothing of the backend
+                    _log_left(routed, attempts, started)
                     raise
                 except ProxyError as exc:
                     exc.pool = pool.name  # the one place a transport's error meets its pool
                     if caused_by_client(exc):
                         attempts.client_left()
+                        _log_left(routed, attempts, started)
                         raise ClientDisconnected from exc
-                    attempts.release(ok=False, code=exc.status_code)
+                    attempts.failed(exc)
                     if attempts.retry(exc, body_replayable=body is None or body.replayable):
                         if _backoff(attempts):
                             continue
                         exc = deadline_passed(pool.name)
-                    return self._problem(exc, routed, start_response)
+                    return self._problem(exc, routed, start_response, attempts, started)
                 status = response.status
                 if not valid_status(status):
                     response.close()
-                    attempts.release(ok=False)
                     error = UpstreamProtocolError(pool=pool.name)
-                    return self._problem(error, routed, start_response)
+                    attempts.failed(error)
+                    return self._problem(error, routed, start_response, attempts, started)
                 if status in attempts.retries.on_status and attempts.retry_status(
                     status, body_replayable=body is None or body.replayable
                 ):
@@ -238,10 +240,13 @@ class SyncEngine:
                     response.close()
                     if _backoff(attempts):
                         continue
-                    return self._problem(deadline_passed(pool.name), routed, start_response)
-                relay = Relay(attempts, backend, response, request, target, routed.access_log)
+                    late = deadline_passed(pool.name)
+                    return self._problem(late, routed, start_response, attempts, started)
+                relay = Relay(attempts, response, routed, started)
                 try:
-                    response_headers = downstream_response_headers(response.headers)
+                    response_headers = downstream_response_headers(
+                        response.headers, routed.request_id
+                    )
                     if persistence is not None and backend is not pinned:
                         response_headers += persistence.remember(request, backend, pool)
                     start_response(status_line(response.status), text_headers(response_headers))
@@ -254,13 +259,29 @@ class SyncEngine:
                 attempts.close()
 
     def _problem(
-        self, error: ProxyError, routed: Routed, start_response: StartResponse
+        self,
+        error: ProxyError,
+        routed: Routed,
+        start_response: StartResponse,
+        attempts: Attempts,
+        started: float,
     ) -> list[bytes]:
-        pool = routed.pool.name
-        logger.warning("pool %s: %s", pool, error.detail)
+        logger.warning("pool %s: %s", routed.pool.name, error.detail)
+        attempts.note(error)
+        status, headers, body = error_problem(error)
+        if routed.request_id is not None:
+            headers.append(routed.request_id)
         if routed.access_log:
-            log_access(routed.request, routed.target, pool, error.status_code, None, None)
-        return respond(start_response, *error_problem(error))
+            log_access(
+                routed, status, attempts, started=started, sent=len(body), disconnected=False
+            )
+        return respond(start_response, status, headers, body)
+
+
+def _log_left(routed: Routed, attempts: Attempts, started: float) -> None:
+    """The access log's line for a client that left before any answer."""
+    if routed.access_log:
+        log_access(routed, 499, attempts, started=started, sent=0, disconnected=True)
 
 
 def _queue(attempts: Attempts, full: NoEligibleBackend) -> Backend:
@@ -296,34 +317,21 @@ class Relay:
     writes the last chunk, so status never lags what a client saw. A server
     that stops early (the client left) calls ``close()``, which settles
     them without blaming the backend and drops the upstream connection.
+    The access log's line is written once, on whichever comes first.
     """
 
-    __slots__ = (
-        "_access_log",
-        "_attempts",
-        "_backend",
-        "_read",
-        "_request",
-        "_response",
-        "_target",
-    )
+    __slots__ = ("_attempts", "_logged", "_read", "_response", "_routed", "_sent", "_started")
 
     def __init__(
-        self,
-        attempts: Attempts,
-        backend: Backend,
-        response: SyncResponse,
-        request: RequestInfo,
-        target: str,
-        access_log: bool,
+        self, attempts: Attempts, response: SyncResponse, routed: Routed, started: float
     ) -> None:
-        self._access_log = access_log
         self._attempts = attempts
-        self._backend = backend
         self._response = response
         self._read = response.read
-        self._request = request
-        self._target = target
+        self._routed = routed
+        self._started = started
+        self._sent = 0
+        self._logged = not routed.access_log  # nothing to write: as if written
 
     def __iter__(self) -> Relay:
         return self
@@ -331,26 +339,41 @@ class Relay:
     def __next__(self) -> bytes:
         try:
             chunk = self._read()
-        except ProxyError:
+        except ProxyError as exc:
             # Response bytes may have reached the client: too late for a 502.
             # Raising makes the server drop the connection, so the client
             # sees a truncated response rather than a complete-looking one.
             pool = self._attempts.pool.name
             logger.warning("pool %s: upstream failed mid-response", pool)
             self._attempts.close(ok=False)
+            self._attempts.note(exc)
+            self._log(disconnected=False)
             raise
         if chunk:
+            self._sent += len(chunk)
             return chunk
-        status = self._response.status
-        latency = self._attempts.answered(status)
+        self._attempts.answered(self._response.status)
         self._response.close()  # the connection goes back to the pool at once
-        if self._access_log:
-            pool = self._attempts.pool.name
-            log_access(self._request, self._target, pool, status, self._backend, latency)
+        self._log(disconnected=False)
         raise StopIteration
 
     def close(self) -> None:
         # Called by the server when it is done, early or not: a backend still
         # held here was left by the client, which says nothing of it.
+        left = self._attempts.backend is not None
         self._attempts.client_left()
         self._response.close()
+        self._log(disconnected=left)
+
+    def _log(self, *, disconnected: bool) -> None:
+        if self._logged:
+            return
+        self._logged = True
+        log_access(
+            self._routed,
+            self._response.status,
+            self._attempts,
+            started=self._started,
+            sent=self._sent,
+            disconnected=disconnected,
+        )

@@ -7,6 +7,8 @@ header names, apply to one connection and are never forwarded.
 from __future__ import annotations
 
 import ipaddress
+import re
+import uuid
 from collections.abc import Sequence
 
 from ._config import IPNetwork
@@ -78,6 +80,7 @@ def upstream_request_headers(
     scheme: str,
     trusted: bool,
     host: bytes | None,
+    request_id: bytes = b"",
     drop: frozenset[bytes] = HOP_BY_HOP_HEADERS,
 ) -> RawHeaders:
     """The headers to send upstream.
@@ -85,7 +88,10 @@ def upstream_request_headers(
     ``host`` is the Host to send (the backend's), or None to keep the
     client's (``preserve_host``). X-Forwarded-For/Proto/Host are set from
     this hop; when the client is a trusted proxy its own values are kept and
-    For is appended to. ``drop``: the hop-by-hop names, to which the
+    For is appended to. ``request_id`` names the request id header (lower
+    case; empty for none): the client's value goes on when it is 1-200
+    visible ASCII characters, else a new UUID4 does, and either way the
+    id is the last pair of the list. ``drop``: the hop-by-hop names, to which the
     options of a Connection header are added (then the headers are walked
     again: a Connection header that names more than keep-alive or close is
     rare, and one walk is every other request's cost).
@@ -94,11 +100,16 @@ def upstream_request_headers(
     client_host = b""
     seen_for: list[bytes] = []
     seen_proto = seen_host = connection = False
+    client_id: bytes | None = None
     for name, value in headers:
         lname = name.lower()
         if lname in drop:
             if lname == b"connection":
                 connection = True
+            continue
+        if lname == request_id:  # never b"": a header name is not empty
+            if client_id is None:
+                client_id = value
             continue
         if lname == b"host":
             client_host = value
@@ -124,6 +135,7 @@ def upstream_request_headers(
                 scheme=scheme,
                 trusted=trusted,
                 host=host,
+                request_id=request_id,
                 drop=drop | extra,
             )
     if host is not None:
@@ -134,7 +146,17 @@ def upstream_request_headers(
         out.append((b"x-forwarded-proto", scheme.encode("latin-1")))
     if not seen_host and client_host:
         out.append((b"x-forwarded-host", client_host))
+    if request_id:
+        if client_id is None or not _VALID_ID(client_id):
+            client_id = str(uuid.uuid4()).encode("ascii")
+        out.append((request_id, client_id))
     return out
+
+
+#: A request id passed on as the client sent it: 1-200 visible ASCII
+#: characters (no space, no control character, so nothing to split a log
+#: line or a header on).
+_VALID_ID = re.compile(rb"[\x21-\x7e]{1,200}").fullmatch
 
 
 #: Headers the serving ASGI server writes itself; the upstream's copies are
@@ -143,8 +165,14 @@ SERVER_OWNED_HEADERS = frozenset({b"date", b"server"})
 _RESPONSE_DROP = HOP_BY_HOP_HEADERS | SERVER_OWNED_HEADERS
 
 
-def downstream_response_headers(headers: Sequence[tuple[bytes, bytes]]) -> RawHeaders:
-    """The upstream response's headers without hop-by-hop ones; repeats kept."""
+def downstream_response_headers(
+    headers: Sequence[tuple[bytes, bytes]], request_id: tuple[bytes, bytes] | None = None
+) -> RawHeaders:
+    """The upstream response's headers without hop-by-hop ones; repeats kept.
+
+    ``request_id`` (name, value) goes back to the client in place of any
+    the upstream sent under that name.
+    """
     out: RawHeaders = []
     named: frozenset[bytes] = frozenset()
     chunked = False
@@ -154,7 +182,7 @@ def downstream_response_headers(headers: Sequence[tuple[bytes, bytes]]) -> RawHe
             named = named | _connection_tokens([(lname, value)])
         elif lname == b"transfer-encoding":
             chunked = True
-        elif lname not in _RESPONSE_DROP:
+        elif lname not in _RESPONSE_DROP and (request_id is None or lname != request_id[0]):
             out.append((lname, value))
     if chunked:
         # RFC 9112 section 6.3: Transfer-Encoding overrides Content-Length,
@@ -162,4 +190,6 @@ def downstream_response_headers(headers: Sequence[tuple[bytes, bytes]]) -> RawHe
         named = named | {b"content-length"}
     if named:  # rare: headers named in Connection go too, wherever they stood
         out = [(name, value) for name, value in out if name not in named]
+    if request_id is not None:
+        out.append(request_id)
     return out

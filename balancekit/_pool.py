@@ -230,10 +230,12 @@ class Pool:
             if not (self._primary or self._backup):
                 raise self._none_eligible()
             if len(self._waiters) >= self.max_pending:
-                raise NoEligibleBackend(
+                error = NoEligibleBackend(
                     f"pool {self.name!r} is full and {self.max_pending} requests already wait",
                     pool=self.name,
                 )
+                error.full = True
+                raise error
             self._waiters.append(waiter)
             return waiter
 
@@ -260,6 +262,16 @@ class Pool:
     def queued(self) -> int:
         """Requests waiting in the queue now."""
         return len(self._waiters)
+
+    @property
+    def eligible_backends(self) -> int:
+        """How many backends may take traffic by their state now: enabled,
+        not draining, healthy and not ejected, backups included (panic mode
+        or not). Catches up first, as a pick does, on an ejection that has
+        ended with no request since."""
+        if self._next_timer != NEVER and self._next_timer <= self._clock():
+            self._timers()
+        return len(self._eligible)
 
     def _serve_waiters(self) -> None:
         # Under the lock, after a place may have come free: hand backends to

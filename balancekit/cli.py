@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import signal
 import socket
 import sys
@@ -182,6 +183,8 @@ def serve(
     click.echo(f"balancekit serving on {_url(sock)} (Ctrl-C to stop)")
     for name, pool in balancer.pools.items():
         click.echo(f"  pool {name}: {len(pool.backends)} backends, {pool.algorithm.name}")
+    if balancer.config.access_log:
+        _print_access_log()
     app = BalanceMiddleware(not_found, balancer=balancer)
     if server_kind == "uvicorn":
         with _stopped_by_signals():
@@ -189,6 +192,20 @@ def serve(
     else:
         _run_lean(app, sock)
     click.echo("balancekit stopped")
+
+
+def _print_access_log() -> None:
+    """The access log's lines (text or JSON) on standard output, one per
+    request, as NGINX's access_log /dev/stdout: a standalone balancer has no
+    app to configure logging for it."""
+    access = logging.getLogger("balancekit.access")
+    if access.handlers:  # configured by whoever embeds the command
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    access.propagate = False
 
 
 def _run_lean(app: Any, sock: socket.socket) -> None:

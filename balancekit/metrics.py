@@ -11,7 +11,12 @@ labels (``pool`` alone where no backend is involved):
 - ``balancekit_request_duration_seconds``: histogram of upstream time;
 - ``balancekit_retries_total``, ``balancekit_ejections_total``,
   ``balancekit_state_changes_total{state}``,
-  ``balancekit_health_check_duration_seconds``.
+  ``balancekit_health_check_duration_seconds``;
+- ``balancekit_no_backend_total`` (``pool``): 503s answered for want of an
+  eligible backend, a full queue or a ``queue_timeout`` included;
+- ``balancekit_pool_eligible_backends``, ``balancekit_pool_panic`` (0/1)
+  and ``balancekit_queue_length`` (``pool``): read from the pools when the
+  ``metrics`` path is read, never kept up per request.
 
 In one process, the per-request families (requests, active requests,
 durations) are plain counters that a collector turns into samples when the
@@ -20,7 +25,13 @@ lock rather than five prometheus-client updates. Several worker processes:
 set ``PROMETHEUS_MULTIPROC_DIR`` (an empty directory shared by the workers)
 before they start, as prometheus-client's multiprocess mode asks; every
 family then goes through prometheus-client's shared files, and the
-``metrics`` path adds up every worker's values.
+``metrics`` path adds up every worker's values. The pool gauges cannot be
+read from other processes at scrape time, so there each worker writes its
+own every ``REFRESH_SECONDS`` (a daemon thread started with the balancer's
+background work, after the fork) and the worker answering a scrape writes
+its own first; the answer gives the fewest eligible backends any worker
+sees (``livemin``), panic if any worker is in it (``livemax``) and the
+requests queued in all of them (``livesum``).
 
 Each Balancer has its own registry (``balancer.metrics.registry``); pass
 ``Balancer(..., metrics_registry=REGISTRY)`` to put balancekit's metrics in
@@ -30,17 +41,34 @@ your app's registry instead.
 from __future__ import annotations
 
 import bisect
+import logging
 import os
 import threading
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+import time
+import weakref
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from ._backend import Backend, BackendState
+    from ._pool import Pool
+
+logger = logging.getLogger("balancekit")
 
 #: Upstream time buckets, seconds: from a cache hit to a slow report.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 HEALTH_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
+#: Several worker processes: how often each one writes its pool gauges.
+REFRESH_SECONDS = 1.0
+
+ELIGIBLE_HELP = "Backends that may take traffic: enabled, not draining, healthy, not ejected."
+PANIC_HELP = "1 while the pool is in panic mode (balancing over unhealthy backends too)."
+QUEUE_HELP = "Requests waiting in the pool's queue (max_pending)."
+
+
+class _HasPools(Protocol):
+    @property
+    def pools(self) -> Mapping[str, Pool]: ...
 
 
 def available() -> bool:
@@ -80,8 +108,32 @@ class Metrics:
                 buckets=BUCKETS,
                 registry=r,
             )
+            self.eligible = Gauge(
+                "balancekit_pool_eligible_backends",
+                ELIGIBLE_HELP,
+                ("pool",),
+                registry=r,
+                multiprocess_mode="livemin",
+            )
+            self.panic = Gauge(
+                "balancekit_pool_panic",
+                PANIC_HELP,
+                ("pool",),
+                registry=r,
+                multiprocess_mode="livemax",
+            )
+            self.queue = Gauge(
+                "balancekit_queue_length",
+                QUEUE_HELP,
+                ("pool",),
+                registry=r,
+                multiprocess_mode="livesum",
+            )
         else:
             r.register(_RequestCollector(self))
+            r.register(_PoolCollector(self))
+        self._owner: weakref.ref[_HasPools] | None = None
+        self._refreshing_pid = 0
         self.up = Gauge(
             "balancekit_backend_up",
             "1 while the backend is healthy.",
@@ -90,6 +142,12 @@ class Metrics:
             multiprocess_mode="liveall",
         )
         self.retries = Counter("balancekit_retries", "Retries started.", ("pool",), registry=r)
+        self.no_backend = Counter(
+            "balancekit_no_backend",
+            "503s answered for want of an eligible backend (a full queue included).",
+            ("pool",),
+            registry=r,
+        )
         self.ejections = Counter("balancekit_ejections", "Outlier ejections.", labels, registry=r)
         self.state_changes = Counter(
             "balancekit_state_changes", "Backend state changes.", (*labels, "state"), registry=r
@@ -110,6 +168,43 @@ class Metrics:
             pool = self.pools[name] = PoolMetrics(self, name)
         return pool
 
+    def bind(self, owner: _HasPools) -> None:
+        """Read the pool gauges from ``owner.pools`` (the Balancer: its pools
+        of the moment, after a reload too). Held weakly: a registry shared
+        with the app does not keep a Balancer alive."""
+        self._owner = weakref.ref(owner)
+
+    def current_pools(self) -> list[Pool]:
+        owner = self._owner() if self._owner is not None else None
+        return [] if owner is None else list(owner.pools.values())
+
+    def start(self) -> None:
+        """Several worker processes: write this process's pool gauges now
+        and every ``REFRESH_SECONDS`` from a daemon thread (once per process;
+        called with the balancer's background work, after a fork)."""
+        if not self.multiprocess or self._refreshing_pid == os.getpid():
+            return
+        # Two loops starting at once may make two threads: harmless.
+        self._refreshing_pid = os.getpid()
+        self.refresh()
+        thread = threading.Thread(
+            target=_refresh_forever,
+            args=(weakref.ref(self),),
+            name="balancekit-metrics",
+            daemon=True,
+        )
+        thread.start()
+
+    def refresh(self) -> None:
+        """Several worker processes: write this process's pool gauges."""
+        if not self.multiprocess:
+            return
+        for pool in self.current_pools():
+            name = pool.name
+            self.eligible.labels(name).set(pool.eligible_backends)
+            self.panic.labels(name).set(1 if pool.panic else 0)
+            self.queue.labels(name).set(pool.queued)
+
     def exposition(self) -> tuple[bytes, bytes]:
         """The ``metrics`` answer: body and content type."""
         from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -118,6 +213,7 @@ class Metrics:
         if self.multiprocess:
             from prometheus_client import multiprocess
 
+            self.refresh()  # this worker's gauges as of now
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return generate_latest(registry), CONTENT_TYPE_LATEST.encode()
@@ -143,6 +239,7 @@ class PoolMetrics:
         self.metrics = metrics
         self.pool = pool
         self.retries = metrics.retries.labels(pool)
+        self.no_backends = metrics.no_backend.labels(pool)
         self.counts: dict[str, _BackendCounts] = {}  # by URL: a reload makes new Backends
         self._lock = threading.Lock()  # the WSGI engine releases from many threads
         self._children: dict[Backend, tuple[Any, Any, dict[int, Any]]] = {}
@@ -199,6 +296,11 @@ class PoolMetrics:
 
     def retried(self) -> None:
         self.retries.inc()
+
+    def no_backend(self) -> None:
+        """A 503 answered for want of an eligible backend (none eligible,
+        a full queue, or ``queue_timeout`` spent waiting)."""
+        self.no_backends.inc()
 
     def ejected(self, backend: Backend) -> None:
         self.metrics.ejections.labels(self.pool, backend.url).inc()
@@ -257,3 +359,44 @@ class _RequestCollector:
         yield requests
         yield active
         yield duration
+
+
+class _PoolCollector:
+    """The pool gauges, read from the pools when the registry is read (one process)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        eligible = GaugeMetricFamily(
+            "balancekit_pool_eligible_backends", ELIGIBLE_HELP, labels=["pool"]
+        )
+        panic = GaugeMetricFamily("balancekit_pool_panic", PANIC_HELP, labels=["pool"])
+        queue = GaugeMetricFamily("balancekit_queue_length", QUEUE_HELP, labels=["pool"])
+        for pool in self.metrics.current_pools():
+            eligible.add_metric([pool.name], pool.eligible_backends)
+            panic.add_metric([pool.name], 1 if pool.panic else 0)
+            queue.add_metric([pool.name], pool.queued)
+        yield eligible
+        yield panic
+        yield queue
+
+
+def _refresh_forever(metrics: weakref.ref[Metrics]) -> None:
+    # The refresher of one worker process; ends with its Metrics. A failure
+    # is logged once, and the next round tries again.
+    logged = False
+    while True:
+        time.sleep(REFRESH_SECONDS)
+        current = metrics()
+        if current is None:
+            return
+        try:
+            current.refresh()
+        except Exception:
+            if not logged:
+                logger.exception("balancekit: writing the pool gauges failed")
+                logged = True
+        del current

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
+
+import httpx
 
 from balancekit import Balancer
 from balancekit._types import Receive, Scope, Send
 from balancekit.asgi import BalanceMiddleware
 from balancekit.wsgi import BalanceMiddleware as WSGIBalanceMiddleware
+from tests.conftest import free_port
 from tests.upstreams import complete_lifespan
 
 
@@ -70,3 +79,50 @@ def balanced(
     else:
         server = serve(BalanceMiddleware(app_fallback, balancer=balancer), lean=lean)
     return server, balancer
+
+
+@contextmanager
+def flask_example_under_gunicorn(
+    upstreams: list[Any], tmp_path: Path, metrics_dir: Path
+) -> Iterator[str]:
+    """The Flask example under two gunicorn workers (as in
+    test_observability) with a shared multiprocess directory; its URL."""
+    project = Path(__file__).parent.parent / "example_projects" / "flask_app"
+    config = tmp_path / "balancekit.toml"
+    config.write_text(
+        (project / "balancekit.toml")
+        .read_text()
+        .replace("http://127.0.0.1:9001", upstreams[0].url)
+        .replace("http://127.0.0.1:9002", upstreams[1].url)
+    )
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "gunicorn", "--workers", "2", "--threads", "4"),
+            *("--bind", f"127.0.0.1:{port}", "app:create_app()"),
+        ],
+        cwd=project,
+        env={
+            **os.environ,
+            "BALANCEKIT_CONFIG": str(config),
+            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+        },
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                httpx.get(url + "/")
+                break
+            except httpx.ConnectError:
+                assert process.poll() is None, process.communicate()[1]
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        process.communicate(timeout=20)

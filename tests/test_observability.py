@@ -3,10 +3,7 @@ workers), and the live dashboard in a real headless Chromium."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,8 +13,8 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ARTIFACTS, closed_port_url, free_port
-from tests.helpers import balanced
+from tests.conftest import ARTIFACTS, closed_port_url
+from tests.helpers import balanced, flask_example_under_gunicorn
 from tests.upstreams import NamedUpstream
 
 DOCS = Path(__file__).parent.parent / "docs"
@@ -110,43 +107,9 @@ def test_prometheus_counters_match_the_requests_sent(serve, upstreams) -> None:
 
 
 def test_metrics_add_up_over_two_gunicorn_workers(upstreams, tmp_path: Path) -> None:
-    project = Path(__file__).parent.parent / "example_projects" / "flask_app"
-    config = tmp_path / "balancekit.toml"
-    config.write_text(
-        (project / "balancekit.toml")
-        .read_text()
-        .replace("http://127.0.0.1:9001", upstreams[0].url)
-        .replace("http://127.0.0.1:9002", upstreams[1].url)
-    )
     metrics_dir = tmp_path / "prometheus"
     metrics_dir.mkdir()
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "gunicorn", "--workers", "2", "--threads", "4"),
-            *("--bind", f"127.0.0.1:{port}", "app:create_app()"),
-        ],
-        cwd=project,
-        env={
-            **os.environ,
-            "BALANCEKIT_CONFIG": str(config),
-            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
-        },
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                httpx.get(url + "/")
-                break
-            except httpx.ConnectError:
-                assert process.poll() is None, process.communicate()[1]
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+    with flask_example_under_gunicorn(upstreams, tmp_path, metrics_dir) as url:
         pids: set[int] = set()
         sent = 0
         while len(pids) < 2 or sent < 30:  # new connections: both workers serve
@@ -155,9 +118,6 @@ def test_metrics_add_up_over_two_gunicorn_workers(upstreams, tmp_path: Path) -> 
             pids.add(httpx.get(url + "/workers").json()["pid"])
             sent += 1
         text = httpx.get(url + "/balancekit/metrics").text
-    finally:
-        process.terminate()
-        process.communicate(timeout=20)
     total = sum(s.value for s in samples(text, "balancekit_requests") if s.name.endswith("_total"))
     assert total == sent, "the metrics path adds up every worker's counts"
 

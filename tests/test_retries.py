@@ -25,28 +25,7 @@ from balancekit import Balancer, RequestInfo
 from balancekit._engine_core import Attempts
 from tests.conftest import ENGINES, free_port
 from tests.helpers import balanced
-from tests.upstreams import complete_lifespan
-
-
-def answering(name: str, status: int) -> Any:
-    """An upstream that answers every request with ``status``, names itself
-    in a header and the body, and counts what it served."""
-    hits: list[str] = []
-
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            await complete_lifespan(receive, send)
-            return
-        hits.append(scope["method"])
-        while (await receive()).get("more_body"):
-            pass
-        body = f"{name} says {status}".encode()
-        headers = [(b"x-backend", name.encode()), (b"content-type", b"text/plain")]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-
-    app.hits = hits  # type: ignore[attr-defined]
-    return app
+from tests.upstreams import answering, complete_lifespan
 
 
 @pytest.fixture(params=ENGINES)

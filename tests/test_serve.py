@@ -204,3 +204,31 @@ def test_expect_100_continue_is_answered_before_the_body(balancer) -> None:
             got += chunk
     (body,) = _bodies(got)
     assert json.loads(body)["body_size"] == 5
+
+
+@pytest.mark.parametrize("form", ["json", "text"])
+def test_the_access_log_is_printed_on_standard_output(upstreams, tmp_path, form: str) -> None:
+    config = tmp_path / "balancekit.toml"
+    access_log = '"json"' if form == "json" else "true"
+    config.write_text(
+        f"access_log = {access_log}\n"
+        f'[pools.api]\nbackends = ["{upstreams[0].url}"]\n'
+        '[[routes]]\nprefix = "/"\npool = "api"\n'
+    )
+    port = free_port()
+    with started("serve", str(config), "--port", str(port)) as running:
+        running.wait_for("serving on")
+        url = f"http://127.0.0.1:{port}"
+        wait_until_serving(url)
+        sent = httpx.get(f"{url}/logged", headers={"X-Request-ID": "seen-1"}, timeout=10)
+        assert sent.headers["x-request-id"] == "seen-1"
+        line = running.wait_for("/logged")
+    if form == "json":
+        record = json.loads(line)
+        assert (record["request_id"], record["target"], record["status"]) == (
+            "seen-1",
+            "/logged",
+            200,
+        )
+    else:
+        assert '"GET /logged" 200 pool=api' in line

@@ -40,6 +40,28 @@ async def complete_lifespan(receive: Any, send: Any) -> None:
             return
 
 
+def answering(name: str, status: int, headers: list[tuple[bytes, bytes]] | None = None) -> Any:
+    """An upstream that answers every request with ``status``, names itself
+    in a header and the body, and counts what it served (``app.hits``)."""
+    hits: list[str] = []
+    extra = headers or []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await complete_lifespan(receive, send)
+            return
+        hits.append(scope["method"])
+        while (await receive()).get("more_body"):
+            pass
+        body = f"{name} says {status}".encode()
+        head = [(b"x-backend", name.encode()), (b"content-type", b"text/plain"), *extra]
+        await send({"type": "http.response.start", "status": status, "headers": head})
+        await send({"type": "http.response.body", "body": body})
+
+    app.hits = hits  # type: ignore[attr-defined]
+    return app
+
+
 def make_echo_app(name: str = "upstream") -> Any:
     """An upstream that names itself and records the paths it served."""
     seen: list[str] = []
