@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from ._coordination import Coordinator
     from ._engine_async import AsyncEngine
     from ._engine_sync import SyncEngine
+    from ._tracing import Tracing
     from ._types import RawHeaders, SupportsPick
     from .health._scheduler import HealthScheduler
     from .status import StatusEndpoint
@@ -203,6 +204,13 @@ class Balancer:
 
     # --- run time ----------------------------------------------------------------
 
+    def _tracing(self) -> Tracing | None:
+        if not self.config.tracing:
+            return None
+        from ._tracing import Tracing  # OpenTelemetry is loaded only when asked for
+
+        return Tracing()
+
     def _make_model(self) -> Model:
         return Model(
             self.routes,
@@ -211,6 +219,7 @@ class Balancer:
             self.config.access_log,
             self.status_endpoint,
             self.config.request_id.lower().encode("latin-1"),
+            self._tracing(),
         )
 
     def classify(

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from ._forwarding import TrustedProxies
     from ._pool import Pool
     from ._routing import Route, RouteTable
+    from ._tracing import Tracing
     from ._types import RawHeaders
     from .status import StatusEndpoint
 
@@ -89,6 +90,7 @@ class Routed:
         "route",
         "target",
         "timeouts",
+        "tracing",
     )
 
     def __init__(
@@ -111,6 +113,7 @@ class Routed:
         self.access_log = access_log
         #: (header name, value) of the request id, sent upstream and back.
         self.request_id: tuple[bytes, bytes] | None = None
+        self.tracing: Tracing | None = None
         terms = route.terms.get(pool.name) if route.terms else None
         if terms is None:
             self.timeouts: TimeoutsConfig = pool.timeouts
@@ -137,6 +140,8 @@ class Model:
     status: StatusEndpoint | None
     #: The request id header, lower case (b"" for none).
     request_id: bytes = b""
+    #: Spans per try, with ``tracing = true``.
+    tracing: Tracing | None = None
 
 
 def classify(
@@ -200,4 +205,5 @@ def classify(
     routed = Routed(route, pool, request, target_path, forwarded, has_body, model.access_log)
     if model.request_id:
         routed.request_id = forwarded[-1]  # upstream_request_headers puts it last
+    routed.tracing = model.tracing
     return routed

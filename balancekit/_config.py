@@ -472,6 +472,17 @@ def _access_log(value: Any) -> bool | str:
     raise ValueError(f'must be true, false or "json", got {value!r}')
 
 
+def _tracing(value: bool) -> bool:
+    if value:
+        try:
+            import opentelemetry.trace  # noqa: F401  (loaded only when asked for)
+        except ImportError:
+            raise ValueError(
+                "needs OpenTelemetry's API: pip install 'balancekit[otel]' (the otel extra)"
+            ) from None
+    return value
+
+
 def _secrets(value: Any) -> Any:
     if isinstance(value, list) and not value:
         raise ValueError("must be a string or a non-empty list of strings, got []")
@@ -489,6 +500,8 @@ class BalancerConfig(Schema):
     access_log: Annotated[bool | Literal["json"], PlainValidator(_access_log)] = False
     #: The header that carries a request's id upstream and back ("" for none).
     request_id: Annotated[str, AfterValidator(_request_id)] = "X-Request-ID"
+    #: A CLIENT span per try, through OpenTelemetry's global tracer provider.
+    tracing: Annotated[bool, AfterValidator(_tracing)] = False
     pools: dict[str, PoolConfig] = Field(default_factory=dict)
     routes: list[RouteConfig] = Field(default_factory=list)
     status: StatusConfig = StatusConfig()

@@ -252,7 +252,13 @@ class _Exchange:
         persistence = pool.persistence
         pinned = None if persistence is None else await persistence.afind(self.request, pool)
         attempts = self.attempts = Attempts(
-            pool, self.request, pinned, timeouts=routed.timeouts, retries=routed.retries
+            pool,
+            self.request,
+            pinned,
+            timeouts=routed.timeouts,
+            retries=routed.retries,
+            tracing=routed.tracing,
+            target=self.target,
         )
         try:
             while True:
@@ -265,8 +271,8 @@ class _Exchange:
                         await self._problem(exc)
                         return
                 try:
-                    if attempts.deadline:
-                        response = await self._send_within_deadline(attempts, backend)
+                    if attempts.deadline or attempts.span is not None:
+                        response = await self._send_with_terms(attempts, backend)
                     else:  # the common case, without a coroutine of its own
                         response = await self.engine.transport.send(
                             backend,
@@ -336,12 +342,19 @@ class _Exchange:
                 raise
         return attempts.dequeue(waiter)
 
-    async def _send_within_deadline(self, attempts: Attempts, backend: Backend) -> UpstreamResponse:
+    async def _send_with_terms(self, attempts: Attempts, backend: Backend) -> UpstreamResponse:
         """One try: the request to ``backend``, up to the response head,
-        within what is left of ``timeouts.total``."""
+        within what is left of ``timeouts.total``, with its span's context."""
         request = self.request
         headers = with_host(self.routed.headers, backend, self.pool.config.preserve_host)
+        if attempts.span is not None:
+            assert attempts.tracing is not None
+            headers = attempts.tracing.inject(attempts.span, headers)
         send = self.engine.transport.send
+        if not attempts.deadline:
+            return await send(
+                backend, request.method, self.target, headers, self.body, attempts.timeouts
+            )
         timeouts = attempts.try_timeouts()
         if timeouts is None:
             raise deadline_passed(self.pool.name)

@@ -12,7 +12,7 @@ import math
 import random
 import time
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._access import flag_for
 from ._decision import IDEMPOTENT_METHODS, may_retry
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from ._exceptions import ProxyError
     from ._pool import Pool, Waiter
     from ._request import RequestInfo
+    from ._tracing import Tracing
     from ._types import RawHeaders
 
 #: Limits on a routed request's header block, as Envoy's defaults
@@ -166,8 +167,11 @@ class Attempts:
         "request",
         "reserved",
         "retries",
+        "span",
         "started",
+        "target",
         "timeouts",
+        "tracing",
         "tried",
     )
 
@@ -179,6 +183,8 @@ class Attempts:
         *,
         timeouts: TimeoutsConfig | None = None,
         retries: RetriesConfig | None = None,
+        tracing: Tracing | None = None,
+        target: str = "",
     ) -> None:
         self.pool = pool
         self.request = request
@@ -196,6 +202,10 @@ class Attempts:
         self.started = 0.0
         self.flags: list[str] = []
         self.latency_ms: float | None = None
+        #: With ``tracing = true``: the current try's span, begun by next().
+        self.tracing = tracing
+        self.target = target
+        self.span: Any = None
         total = self.timeouts.total
         #: ``time.monotonic()`` by which the response head must have come.
         self.deadline = time.monotonic() + total if total else 0.0
@@ -216,6 +226,10 @@ class Attempts:
         metrics = self.pool.metrics
         if metrics is not None:
             metrics.acquired(backend)
+        if self.tracing is not None:
+            self.span = self.tracing.start(
+                self.request, self.pool.name, backend, self.target, self.attempt
+            )
         self.started = time.perf_counter()
         return backend
 
@@ -268,6 +282,8 @@ class Attempts:
         if backend is None:
             return None
         self.backend = None
+        if self.span is not None:  # the client left, or the answer was unusable
+            self._end_span(None, None)
         latency = (time.perf_counter() - self.started) * 1000.0 if timed else None
         self.latency_ms = latency
         pool = self.pool
@@ -282,12 +298,21 @@ class Attempts:
     def answered(self, status: int) -> float | None:
         """The upstream's response ended: release with its verdict (the
         pool's ``failure_statuses`` say which statuses count as failures)."""
+        if self.span is not None:
+            self._end_span(status, None)
         return self.release(ok=status not in self.pool.failure_statuses, code=status)
 
     def failed(self, error: ProxyError) -> None:
         """The current try failed with ``error``: release it as a failure."""
+        if self.span is not None:
+            self._end_span(None, type(error).__name__)
         self.release(ok=False, code=error.status_code)
         self.note(error)
+
+    def _end_span(self, status: int | None, error: str | None) -> None:
+        span, self.span = self.span, None
+        assert self.tracing is not None  # a span was begun by it
+        self.tracing.end(span, status, error)
 
     def note(self, error: ProxyError) -> None:
         """Keep ``error``'s reason flag for the access log (and count an

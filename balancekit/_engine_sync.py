@@ -188,7 +188,15 @@ class SyncEngine:
             body.buffer(pool.config.request_buffer)
         persistence = pool.persistence
         pinned = None if persistence is None else persistence.find(request, pool)
-        attempts = Attempts(pool, request, pinned, timeouts=routed.timeouts, retries=routed.retries)
+        attempts = Attempts(
+            pool,
+            request,
+            pinned,
+            timeouts=routed.timeouts,
+            retries=routed.retries,
+            tracing=routed.tracing,
+            target=target,
+        )
         relay = None
         try:
             while True:
@@ -203,13 +211,12 @@ class SyncEngine:
                     timeouts = attempts.try_timeouts()
                     if timeouts is None:
                         raise deadline_passed(pool.name)
+                    sent_headers = with_host(headers, backend, preserve_host)
+                    if attempts.span is not None:
+                        assert attempts.tracing is not None
+                        sent_headers = attempts.tracing.inject(attempts.span, sent_headers)
                     response = self.transport.send(
-                        backend,
-                        request.method,
-                        target,
-                        with_host(headers, backend, preserve_host),
-                        body,
-                        timeouts,
+                        backend, request.method, target, sent_headers, body, timeouts
                     )
                 except ClientDisconnected:
                     attempts.client_left()  # says nothing of the backend

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import uuid
 from collections.abc import Sequence
+from random import getrandbits
 
 from ._config import IPNetwork
 from ._types import RawHeaders
@@ -148,9 +148,26 @@ def upstream_request_headers(
         out.append((b"x-forwarded-host", client_host))
     if request_id:
         if client_id is None or not _VALID_ID(client_id):
-            client_id = str(uuid.uuid4()).encode("ascii")
+            client_id = new_request_id()
         out.append((request_id, client_id))
     return out
+
+
+def new_request_id() -> bytes:
+    """A random UUID (version 4, RFC 9562), formatted as ``uuid.uuid4()``
+    would give it, in a quarter of its time.
+
+    The bits come from :mod:`random`, not the system's CSPRNG: an id must
+    be unique, not secret (a client may send any id it likes), and the
+    module reseeds itself in a forked worker, so workers never share ids.
+    """
+    h = "%032x" % (getrandbits(128) & _UUID4_CLEAR | _UUID4_SET)
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}".encode("ascii")
+
+
+#: The version (4) and variant bits of a random UUID, as ``uuid.UUID`` sets them.
+_UUID4_CLEAR = ~(0xF000 << 64) & ~(0xC000 << 48)
+_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
 
 
 #: A request id passed on as the client sent it: 1-200 visible ASCII

@@ -185,7 +185,11 @@ def serve(
         click.echo(f"  pool {name}: {len(pool.backends)} backends, {pool.algorithm.name}")
     if balancer.config.access_log:
         _print_access_log()
-    app = BalanceMiddleware(not_found, balancer=balancer)
+    app: Any = BalanceMiddleware(not_found, balancer=balancer)
+    if balancer.config.tracing:
+        from ._tracing import ServerSpan
+
+        app = ServerSpan(app)  # no app here to open the request's span
     if server_kind == "uvicorn":
         with _stopped_by_signals():
             _server(app).run(sockets=[sock])

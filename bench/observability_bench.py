@@ -1,0 +1,149 @@
+"""What request ids, the JSON access log and tracing cost per request.
+
+    .venv/bin/python bench/observability_bench.py               # 5 rounds, ~1 min
+    .venv/bin/python bench/observability_bench.py --rounds 9 --requests 10000
+
+The in-process harness of ``inprocess_bench.py`` (the ASGI middleware called
+directly, the httptools transport, a keep-alive backend in the same
+process, no server or load tool between them), once per variant, each in a
+process of its own pinned to one core (OpenTelemetry allows one tracer
+provider per process), the variants interleaved round by round:
+
+- ``bare``: ``request_id = ""``, no access log, no tracing;
+- ``request id``: the default (``X-Request-ID`` made for every request);
+- ``json log``: and ``access_log = "json"``, written through a
+  ``logging.StreamHandler`` to ``/dev/null`` (so formatting is paid too);
+- ``tracing``: and ``tracing = true`` with the OpenTelemetry SDK's
+  ``TracerProvider`` and a ``BatchSpanProcessor`` whose exporter drops
+  the spans (its thread's CPU is counted).
+
+Reported: CPU microseconds per request (median of the rounds) and what each
+adds over the variant before it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from inprocess_bench import WARM_UP, _app, _backend
+
+VARIANTS = {
+    "bare": {"request_id": ""},
+    "request id": {},
+    "json log": {"access_log": "json"},
+    "tracing": {"access_log": "json", "tracing": True},
+}
+
+
+def _configure(variant: str) -> None:
+    if VARIANTS[variant].get("access_log"):
+        access = logging.getLogger("balancekit.access")
+        access.addHandler(logging.StreamHandler(open(os.devnull, "w")))  # noqa: SIM115
+        access.setLevel(logging.INFO)
+        access.propagate = False
+    if VARIANTS[variant].get("tracing"):
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import (
+            BatchSpanProcessor,
+            SpanExporter,
+            SpanExportResult,
+        )
+
+        class Drop(SpanExporter):
+            def export(self, spans: Any) -> SpanExportResult:
+                return SpanExportResult.SUCCESS
+
+        provider = TracerProvider()
+        provider.add_span_processor(BatchSpanProcessor(Drop()))
+        trace.set_tracer_provider(provider)
+
+
+async def _measure(variant: str, requests: int) -> float:
+    from balancekit.asgi import BalanceMiddleware
+
+    server = await asyncio.start_server(_backend, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    config = {
+        "transport": "httptools",
+        "pools": {"p": {"backends": [f"http://127.0.0.1:{port}"]}},
+        "routes": [{"prefix": "/", "pool": "p"}],
+        **VARIANTS[variant],
+    }
+    middleware = BalanceMiddleware(_app, config=config)
+    await middleware.balancer.astart()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/api/x",
+        "raw_path": b"/api/x",
+        "query_string": b"",
+        "headers": [(b"host", b"127.0.0.1:8080"), (b"user-agent", b"bench"), (b"accept", b"*/*")],
+        "client": ("127.0.0.1", 5555),
+        "server": ("127.0.0.1", 8080),
+    }
+
+    async def receive() -> Any:
+        await asyncio.sleep(3600)  # no body, and the client never leaves
+
+    async def send(message: Any) -> None:
+        pass
+
+    for _ in range(WARM_UP):
+        await middleware(scope, receive, send)
+    started = time.process_time()
+    for _ in range(requests):
+        await middleware(scope, receive, send)
+    spent = time.process_time() - started
+    await middleware.balancer.aclose()
+    server.close()
+    return spent / requests * 1e6
+
+
+def _run_once(variant: str, requests: int) -> float:
+    command = [sys.executable, __file__, "--child", variant, "--requests", str(requests)]
+    if os.path.exists("/usr/bin/taskset"):
+        command = ["taskset", "-c", "1", *command]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
+    return float(done.stdout.strip())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=5000, help="per run (default 5000)")
+    parser.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _configure(args.child)
+        print(asyncio.run(_measure(args.child, args.requests)))
+        return
+    samples: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    for _ in range(args.rounds):
+        for name in VARIANTS:
+            samples[name].append(_run_once(name, args.requests))
+    print(f"\nCPU us per request, median of {args.rounds} rounds of {args.requests}")
+    print(f"{'variant':<12} {'us/req':>8} {'adds':>8}")
+    previous = None
+    for name, values in samples.items():
+        median = statistics.median(values)
+        adds = "" if previous is None else f"{median - previous:+8.1f}"
+        print(f"{name:<12} {median:>8.1f} {adds:>8}")
+        previous = median
+
+
+if __name__ == "__main__":
+    main()
