@@ -106,7 +106,7 @@ def _log(
     query = request.query
     record = {
         "time": _timestamp(),
-        "request_id": routed.request_id[1].decode("ascii") if routed.request_id else None,
+        "request_id": routed.request_id_text,
         "client": request.client_ip or None,
         "method": request.method,
         "target": request.path + (f"?{query}" if query else ""),

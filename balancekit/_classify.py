@@ -121,6 +121,11 @@ class Routed:
         else:
             self.timeouts, self.retries = terms
 
+    @property
+    def request_id_text(self) -> str | None:
+        """The request's id (``request_id``), for an adapter to hand its app."""
+        return None if self.request_id is None else self.request_id[1].decode("ascii")
+
     def __repr__(self) -> str:
         return f"Routed({self.request.method} {self.target!r} -> pool {self.pool.name!r})"
 

@@ -63,6 +63,7 @@ class BalanceMiddleware:
         environ = request.META
         verdict = classify_environ(balancer, environ)
         if type(verdict) is Routed:
+            request.balancekit_request_id = verdict.request_id_text
             balancer.start_background()
             captured: list[Any] = []
 
@@ -83,6 +84,7 @@ class BalanceMiddleware:
             await asyncio.to_thread(runtime.start)  # the first request: reads the database
         verdict = _classify_scope(runtime.balancer, request)
         if type(verdict) is Routed:
+            request.balancekit_request_id = verdict.request_id_text
             if not self._started:  # Django's ASGI handler sends no lifespan
                 self._started = True
                 await runtime.balancer.astart()

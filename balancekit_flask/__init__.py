@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import click
-from flask import Blueprint, Flask, Response, current_app, has_app_context, request
+from flask import Blueprint, Flask, Response, current_app, g, has_app_context, request
 from flask.cli import AppGroup
 
 from balancekit import Balancer, BalancerConfig, ConfigError, load_config
@@ -252,6 +252,7 @@ class BalanceKit:
         body: Iterable[bytes]
         verdict = classify_environ(balancer, environ, _route(state, spec))
         if type(verdict) is Routed:
+            g.balancekit_request_id = verdict.request_id_text  # for the app's after_request
             balancer.start_background()
             body = balancer.sync_engine().handle(verdict, environ, start_response)
         else:  # a route is given: the only other verdict is a refusal

@@ -286,6 +286,19 @@ def test_a_route_by_host_reaches_another_pool_than_the_plain_prefix(
     ]
 
 
+def test_a_proxied_request_carries_its_id_for_the_apps_logs(fresh_runtime, upstreams) -> None:
+    web = Pool.objects.create(name="web")
+    Backend.objects.create(pool=web, url=upstreams[0].url)
+    Route.objects.create(prefix="/api/", pool=web)
+    response = Client(HTTP_HOST="testserver").get("/api/x", HTTP_X_REQUEST_ID="order-17")
+    assert response.wsgi_request.balancekit_request_id == "order-17"
+    assert dict(response.raw_headers)["x-request-id"] == "order-17"
+    assert (
+        dict(json.loads(b"".join(response.streaming_content))["headers"])["x-request-id"]
+        == "order-17"
+    )
+
+
 @pytest.mark.parametrize(
     ("fields", "field", "message"),
     [

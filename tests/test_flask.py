@@ -7,10 +7,11 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
-from flask import Blueprint, Flask, abort, request
+from flask import Blueprint, Flask, abort, g, request
 
 from balancekit import Balancer, ConfigError
 from balancekit.asgi import BalanceMiddleware as ASGIBalanceMiddleware
@@ -235,6 +236,21 @@ def test_a_proxy_view_rewrites_and_has_its_own_timeouts(serve, upstreams) -> Non
     problem(httpx.get(f"{server.url}/slowly/sleep?s=2"), 504)  # the pool's read timeout is 60
     assert time.monotonic() - started < 1.5
     assert upstreams[0].app.seen[-1] == "/sleep"
+
+
+def test_a_proxy_view_leaves_the_request_id_in_g(serve, upstreams) -> None:
+    app = flask_app(BALANCEKIT=config_for([upstreams[0].url]))
+    BalanceKit(app).proxy("/search/", pool="search")
+
+    @app.after_request
+    def note_the_id(response: Any) -> Any:  # what an app's own request log would read
+        response.headers["X-Seen"] = g.get("balancekit_request_id", "none")
+        return response
+
+    server = serve(app, wsgi=True)
+    answer = httpx.get(f"{server.url}/search/q", headers={"X-Request-ID": "q-5"})
+    assert answer.headers["x-seen"] == "q-5" == answer.headers["x-request-id"]
+    assert dict(answer.json()["headers"])["x-request-id"] == "q-5"
 
 
 def test_a_split_proxy_view_keeps_each_key_on_its_side(serve, upstreams) -> None:
