@@ -237,7 +237,9 @@ ClientStep = bytes | float | str
 
 
 def request(method: str, case: str, *headers: str, body: bytes = b"", host: str = "proxy") -> bytes:
-    lines = [f"{method} /api/d/{case}?q=1 HTTP/1.1", f"Host: {host}", "Connection: close", *headers]
+    # A fixed request id: one made per request would differ between transports.
+    lines = [f"{method} /api/d/{case}?q=1 HTTP/1.1", f"Host: {host}", "Connection: close"]
+    lines += ["X-Request-ID: differential", *headers]
     return "\r\n".join([*lines, "", ""]).encode("latin-1") + body
 
 

@@ -185,7 +185,13 @@ def test_a_killed_backend_leaves_and_returns_without_a_failed_request(
         wait_for(lambda: load.served_by("c", removed) > 20)
 
     results = load.results
-    failed = [r for r in results if r[1] != 200]
+    # A SIGKILL can land between a response's head and its body: the client
+    # has the head by then, so that response can only be cut short (a
+    # protocol error at the client, as under NGINX). At most one per client
+    # in flight; anything else (a 5xx, a refused connection) is a failure.
+    cut = [r for r in results if r[2] == "RemoteProtocolError"]
+    assert len(cut) <= 4, f"{len(cut)} responses cut short"
+    failed = [r for r in results if r[1] != 200 and r not in cut]
     print(
         f"\n[{transport}] kill under load: {len(results)} requests, {len(failed)} failed; "
         f"b ejected {ejected - killed:.2f}s after the kill "

@@ -202,3 +202,33 @@ def test_opentelemetry_is_not_imported_unless_tracing_is_on() -> None:
         "print(any(m.startswith('opentelemetry') for m in sys.modules))\n"
     )
     assert done.stdout.strip() == "False", done.stderr
+
+
+def test_a_flask_proxy_view_traces_its_tries_under_the_apps_span(serve, spans) -> None:
+    from flask import Flask
+
+    from balancekit_flask import BalanceKit
+
+    upstream = serve(make_echo_app("a"))
+    app = Flask("traced")
+    app.config["BALANCEKIT"] = {
+        "tracing": True,
+        "pools": {"search": {"backends": [upstream.url]}},
+    }
+    BalanceKit(app).proxy("/search/", pool="search")
+    tracer = trace.get_tracer("the-app")
+    inner = app.wsgi_app
+
+    def with_a_span(environ: Any, start_response: Any) -> Any:
+        # What OpenTelemetry's Flask instrumentation does around a request.
+        with tracer.start_as_current_span("GET /search", kind=trace.SpanKind.SERVER):
+            return list(inner(environ, start_response))
+
+    app.wsgi_app = with_a_span  # type: ignore[method-assign]
+    server = serve(app, wsgi=True)
+    response = httpx.get(f"{server.url}/search/q", timeout=10)
+    (client,) = client_spans(spans)
+    (parent,) = [s for s in spans.get_finished_spans() if s.name == "GET /search"]
+    assert client.parent is not None and client.parent.span_id == parent.context.span_id
+    assert client.attributes["balancekit.pool"] == "search"
+    assert dict(response.json()["headers"])["traceparent"] == traceparent_of(client)
