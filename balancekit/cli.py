@@ -9,7 +9,8 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import click
@@ -190,12 +191,43 @@ def serve(
         from ._tracing import ServerSpan
 
         app = ServerSpan(app)  # no app here to open the request's span
+    reload = _reloader(balancer, config)
     if server_kind == "uvicorn":
-        with _stopped_by_signals():
-            _server(app).run(sockets=[sock])
+        previous = signal.signal(signal.SIGHUP, lambda signum, frame: reload())
+        try:
+            with _stopped_by_signals():
+                _server(app).run(sockets=[sock])
+        finally:
+            signal.signal(signal.SIGHUP, previous)
     else:
-        _run_lean(app, sock)
+        _run_lean(app, sock, reload)
     click.echo("balancekit stopped")
+
+
+def _reloader(balancer: Balancer, path: str | None) -> Callable[[], None]:
+    """What SIGHUP does: read the configuration file again and apply it with
+    ``Balancer.reload`` (unchanged pools keep their live state, requests in
+    flight finish, the listening socket stays), in a thread of its own so
+    that the signal never runs it in the middle of the loop's work. A bad
+    file leaves the running configuration and says why."""
+
+    def apply() -> None:
+        assert path is not None
+        try:
+            balancer.reload(path)
+        except (ConfigError, PluginError) as exc:
+            click.echo(f"reload of {path} refused, the running configuration stays:", err=True)
+            click.echo(str(exc), err=True)
+        else:
+            click.echo(f"configuration reloaded from {path}")
+
+    def reload() -> None:
+        if path is None:
+            click.echo("SIGHUP: nothing to reload (serving --backend URLs, no file)", err=True)
+            return
+        threading.Thread(target=apply, name="balancekit-reload", daemon=True).start()
+
+    return reload
 
 
 def _print_access_log() -> None:
@@ -212,8 +244,9 @@ def _print_access_log() -> None:
     access.propagate = False
 
 
-def _run_lean(app: Any, sock: socket.socket) -> None:
-    """Serve ``app`` on the lean server until SIGINT or SIGTERM, then drain."""
+def _run_lean(app: Any, sock: socket.socket, reload: Callable[[], None]) -> None:
+    """Serve ``app`` on the lean server until SIGINT or SIGTERM, then drain;
+    SIGHUP calls ``reload``."""
     from ._server import LeanServer
 
     async def main() -> None:
@@ -221,6 +254,7 @@ def _run_lean(app: Any, sock: socket.socket) -> None:
         stop = asyncio.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, reload)
         server = LeanServer(app)
         await server.start([sock])
         await stop.wait()

@@ -232,3 +232,31 @@ def test_the_access_log_is_printed_on_standard_output(upstreams, tmp_path, form:
         )
     else:
         assert '"GET /logged" 200 pool=api' in line
+
+
+@pytest.mark.parametrize("server", ["balancekit", "uvicorn"])
+def test_sighup_reloads_the_file_and_a_bad_one_changes_nothing(upstreams, tmp_path, server) -> None:
+    config = tmp_path / "balancekit.toml"
+
+    def pointing_at(upstream: Any) -> str:
+        return (
+            f'[pools.api]\nbackends = ["{upstream.url}"]\n[[routes]]\nprefix = "/"\npool = "api"\n'
+        )
+
+    config.write_text(pointing_at(upstreams[0]))
+    port = free_port()
+    with started("serve", str(config), "--port", str(port), "--server", server) as running:
+        running.wait_for("serving on")
+        url = f"http://127.0.0.1:{port}"
+        wait_until_serving(url)
+        with httpx.Client(timeout=10) as client:  # one kept-alive connection throughout
+            assert client.get(f"{url}/x").json()["backend"] == "a"
+            config.write_text(pointing_at(upstreams[1]))
+            running.process.send_signal(signal.SIGHUP)
+            running.wait_for("configuration reloaded")
+            assert client.get(f"{url}/x").json()["backend"] == "b"
+            config.write_text('[[routes]]\nprefix = "/"\npool = "gone"\n')
+            running.process.send_signal(signal.SIGHUP)
+            running.wait_for("the running configuration stays")
+            assert client.get(f"{url}/x").json()["backend"] == "b"
+        assert running.stop(signal.SIGTERM) == 0
