@@ -122,9 +122,7 @@ def _run_once(variant: str, requests: int) -> float:
     # mmap per read in one variant and not another: pinned, as
     # inprocess_bench.py --pin-malloc does.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
-    done = subprocess.run(
-        command, capture_output=True, text=True, timeout=300, check=True, env=env
-    )
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True, env=env)
     return float(done.stdout.strip())
 
 
