@@ -46,6 +46,8 @@ from ._problem import problem, status_line
 from ._types import Message
 
 if TYPE_CHECKING:
+    from ssl import SSLContext
+
     from .asgi import BalanceMiddleware
 
 logger = logging.getLogger("balancekit")
@@ -53,6 +55,8 @@ logger = logging.getLogger("balancekit")
 #: The request line and header fields together: the fields' limit (the
 #: same for every adapter) and room for a long request target.
 MAX_HEAD_BYTES = MAX_HEADER_BYTES + 4 * 1024
+#: Seconds a client has to finish a TLS handshake.
+HANDSHAKE_TIMEOUT = 10.0
 HEAD_TIMEOUT = 10.0
 KEEP_ALIVE = 5.0
 BODY_BUFFER = 256 * 1024
@@ -373,7 +377,7 @@ class _Connection(asyncio.Protocol):
             "http_version": version,
             "server": self.local,
             "client": self.client,
-            "scheme": "http",
+            "scheme": self.server.scheme,
             "method": self.parser.get_method().decode("ascii"),
             "root_path": "",
             "path": unquote(text) if "%" in text else text,
@@ -545,8 +549,11 @@ class _Connection(asyncio.Protocol):
 class LeanServer:
     """Serves one :class:`~balancekit.asgi.BalanceMiddleware` on sockets."""
 
-    def __init__(self, app: BalanceMiddleware) -> None:
+    def __init__(self, app: BalanceMiddleware, ssl: SSLContext | None = None) -> None:
         self.app = app
+        #: TLS at the edge: the context every connection's handshake uses.
+        self.ssl = ssl
+        self.scheme = "https" if ssl is not None else "http"
         self.loop = asyncio.get_running_loop()
         self.connections: set[_Connection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
@@ -560,7 +567,12 @@ class LeanServer:
         await self.app.startup()
         for sock in sockets:
             server = await self.loop.create_server(
-                lambda: _Connection(self), sock=sock, backlog=2048
+                lambda: _Connection(self),
+                sock=sock,
+                backlog=2048,
+                ssl=self.ssl,
+                # A handshake that stalls is dropped, never waited on.
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT if self.ssl is not None else None,
             )
             self._servers.append(server)
         self._reaper = self.loop.create_task(self._reap())

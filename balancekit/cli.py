@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import socket
+import ssl
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -160,6 +161,16 @@ def _server(app: Any, **options: Any) -> Any:
     show_default=True,
     help="balancekit's lean HTTP/1.1 server, or uvicorn's.",
 )
+@click.option(
+    "--certfile",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Serve HTTPS: the certificate chain (PEM). Needs --keyfile.",
+)
+@click.option(
+    "--keyfile",
+    type=click.Path(exists=True, dir_okay=False),
+    help="The private key (PEM) of --certfile.",
+)
 def serve(
     config: str | None,
     host: str,
@@ -167,6 +178,8 @@ def serve(
     backends: tuple[str, ...],
     algorithm: str,
     server_kind: str,
+    certfile: str | None,
+    keyfile: str | None,
 ) -> None:
     """Run a standalone balancer for CONFIG, or for --backend URLs."""
     from .asgi import BalanceMiddleware, not_found
@@ -175,13 +188,17 @@ def serve(
         raise click.UsageError("give a CONFIG file or --backend URLs, not both")
     if not config and not backends:
         raise click.UsageError("give a CONFIG file or at least one --backend URL")
+    if bool(certfile) != bool(keyfile):
+        raise click.UsageError("--certfile and --keyfile go together")
+    tls = _server_tls(certfile, keyfile) if certfile and keyfile else None
     source: Any = config or {
         "pools": {"default": {"backends": list(backends), "algorithm": algorithm}},
         "routes": [{"prefix": "/", "pool": "default"}],
     }
     balancer = _load(source)
     sock = _bind(host, port)
-    click.echo(f"balancekit serving on {_url(sock)} (Ctrl-C to stop)")
+    url = _url(sock).replace("http://", "https://", 1) if tls else _url(sock)
+    click.echo(f"balancekit serving on {url} (Ctrl-C to stop)")
     for name, pool in balancer.pools.items():
         click.echo(f"  pool {name}: {len(pool.backends)} backends, {pool.algorithm.name}")
     if balancer.config.access_log:
@@ -194,13 +211,14 @@ def serve(
     reload = _reloader(balancer, config)
     if server_kind == "uvicorn":
         previous = signal.signal(signal.SIGHUP, lambda signum, frame: reload())
+        files = {"ssl_certfile": certfile, "ssl_keyfile": keyfile} if tls else {}
         try:
             with _stopped_by_signals():
-                _server(app).run(sockets=[sock])
+                _server(app, **files).run(sockets=[sock])
         finally:
             signal.signal(signal.SIGHUP, previous)
     else:
-        _run_lean(app, sock, reload)
+        _run_lean(app, sock, reload, tls)
     click.echo("balancekit stopped")
 
 
@@ -244,7 +262,23 @@ def _print_access_log() -> None:
     access.propagate = False
 
 
-def _run_lean(app: Any, sock: socket.socket, reload: Callable[[], None]) -> None:
+def _server_tls(certfile: str, keyfile: str) -> ssl.SSLContext:
+    """TLS for clients: the standard library's server defaults, TLS 1.2 or
+    newer, ALPN offering HTTP/1.1 (the only protocol served). A key that
+    does not match its certificate fails here, at start-up."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["http/1.1"])
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except (ssl.SSLError, OSError) as exc:
+        raise click.UsageError(f"--certfile/--keyfile: {exc}") from None
+    return context
+
+
+def _run_lean(
+    app: Any, sock: socket.socket, reload: Callable[[], None], tls: ssl.SSLContext | None
+) -> None:
     """Serve ``app`` on the lean server until SIGINT or SIGTERM, then drain;
     SIGHUP calls ``reload``."""
     from ._server import LeanServer
@@ -255,7 +289,7 @@ def _run_lean(app: Any, sock: socket.socket, reload: Callable[[], None]) -> None
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         loop.add_signal_handler(signal.SIGHUP, reload)
-        server = LeanServer(app)
+        server = LeanServer(app, tls)
         await server.start([sock])
         await stop.wait()
         await server.shutdown()

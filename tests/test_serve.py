@@ -7,6 +7,7 @@ import hashlib
 import json
 import signal
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -260,3 +261,57 @@ def test_sighup_reloads_the_file_and_a_bad_one_changes_nothing(upstreams, tmp_pa
             running.wait_for("the running configuration stays")
             assert client.get(f"{url}/x").json()["backend"] == "b"
         assert running.stop(signal.SIGTERM) == 0
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> dict[str, str]:
+    """A throwaway CA and a certificate for 127.0.0.1 it signed, as files."""
+    trustme = pytest.importorskip("trustme", reason="trustme makes the test certificates")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    files = {name: str(tmp_path / f"{name}.pem") for name in ("ca", "cert", "key", "other")}
+    ca.cert_pem.write_to_path(files["ca"])
+    cert.cert_chain_pems[0].write_to_path(files["cert"])
+    cert.private_key_pem.write_to_path(files["key"])
+    ca.issue_cert("127.0.0.1").private_key_pem.write_to_path(files["other"])
+    return files
+
+
+@pytest.mark.parametrize("server", ["balancekit", "uvicorn"])
+def test_tls_at_the_edge(upstreams, certificate, server) -> None:
+    port = free_port()
+    args = ["--backend", upstreams[0].url, "--port", str(port), "--server", server]
+    tls = ["--certfile", certificate["cert"], "--keyfile", certificate["key"]]
+    with started("serve", *args, *tls) as running:
+        assert running.wait_for("serving on").split()[3] == f"https://127.0.0.1:{port}/"
+        url = f"https://127.0.0.1:{port}"
+        deadline = time.monotonic() + 10
+        trusted = ssl.create_default_context(cafile=certificate["ca"])
+        with httpx.Client(verify=trusted, timeout=10) as client:
+            while True:
+                try:
+                    response = client.get(f"{url}/x")
+                    break
+                except httpx.ConnectError:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+            assert response.status_code == 200
+            assert response.http_version == "HTTP/1.1"
+            assert dict(response.json()["headers"])["x-forwarded-proto"] == "https"
+            # A handshake that never starts holds no one up, and plain HTTP
+            # on the TLS port gets nowhere.
+            with socket.create_connection(("127.0.0.1", port)):
+                assert client.get(f"{url}/x").status_code == 200
+                with pytest.raises(httpx.HTTPError):
+                    httpx.get(f"http://127.0.0.1:{port}/x", timeout=5)
+                assert client.get(f"{url}/x").status_code == 200
+        assert running.stop(signal.SIGTERM) == 0
+
+
+def test_a_key_that_is_not_the_certificates_fails_at_start_up(upstreams, certificate) -> None:
+    with started(
+        "serve", "--backend", upstreams[0].url, "--port", str(free_port()),
+        "--certfile", certificate["cert"], "--keyfile", certificate["other"],
+    ) as running:  # fmt: skip
+        assert running.process.wait(timeout=20) != 0
+    assert "--certfile/--keyfile" in "\n".join(running.lines)
