@@ -41,6 +41,7 @@ from urllib.parse import unquote
 
 import httptools
 
+from . import _proxy_protocol as proxy_protocol
 from ._engine_core import MAX_HEADER_BYTES, MAX_HEADER_COUNT
 from ._problem import problem, status_line
 from ._types import Message
@@ -249,6 +250,9 @@ class _Connection(asyncio.Protocol):
         self.write_paused = False
         self._drain: asyncio.Future[None] | None = None
         self.closed = False
+        #: With ``--proxy-protocol``: the bytes of the PROXY header so far,
+        #: until it is complete (then None).
+        self.proxy_header: bytes | None = b"" if server.proxy_protocol else None
 
     # --- asyncio.Protocol ---------------------------------------------------
 
@@ -273,6 +277,10 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        if self.proxy_header is not None:
+            data = self._proxy_header(data)
+            if not data:
+                return
         if not self.in_head and self.parsing is None:
             self.in_head = True
             self.head_started = time.monotonic()
@@ -291,6 +299,30 @@ class _Connection(asyncio.Protocol):
         # so the bound is kept here, not only on complete fields.
         if self.in_head and self.head_bytes > MAX_HEAD_BYTES + 4096:
             self._refuse(431, "request head too large")
+
+    def _proxy_header(self, data: bytes) -> bytes:
+        """Take the PROXY header from the front of the stream; what follows
+        it, once it is complete. Until then the head timeout runs, so a
+        header that dribbles in is bounded like a slow request head."""
+        assert self.proxy_header is not None
+        if not self.in_head:
+            self.in_head = True
+            self.head_started = time.monotonic()
+        buffered = self.proxy_header + data
+        try:
+            header = proxy_protocol.parse(buffered)
+        except proxy_protocol.ProxyHeaderError as exc:
+            logger.info("closing a connection from %s: %s", self.client, exc)
+            self.close()
+            return b""
+        if header is None:
+            self.proxy_header = buffered
+            return b""
+        self.proxy_header = None
+        self.in_head = False
+        if header.source is not None:
+            self.client = header.source
+        return buffered[header.length :]
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -549,8 +581,12 @@ class _Connection(asyncio.Protocol):
 class LeanServer:
     """Serves one :class:`~balancekit.asgi.BalanceMiddleware` on sockets."""
 
-    def __init__(self, app: BalanceMiddleware, ssl: SSLContext | None = None) -> None:
+    def __init__(
+        self, app: BalanceMiddleware, ssl: SSLContext | None = None, *, proxy_protocol: bool = False
+    ) -> None:
         self.app = app
+        #: A PROXY protocol header (v1 or v2) starts every connection.
+        self.proxy_protocol = proxy_protocol
         #: TLS at the edge: the context every connection's handshake uses.
         self.ssl = ssl
         self.scheme = "https" if ssl is not None else "http"

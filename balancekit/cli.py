@@ -171,6 +171,12 @@ def _server(app: Any, **options: Any) -> Any:
     type=click.Path(exists=True, dir_okay=False),
     help="The private key (PEM) of --certfile.",
 )
+@click.option(
+    "--proxy-protocol",
+    is_flag=True,
+    help="Read a PROXY protocol header (v1 or v2) first on every connection:"
+    " behind an L4 balancer, the client's address is the one it names.",
+)
 def serve(
     config: str | None,
     host: str,
@@ -180,6 +186,7 @@ def serve(
     server_kind: str,
     certfile: str | None,
     keyfile: str | None,
+    proxy_protocol: bool,
 ) -> None:
     """Run a standalone balancer for CONFIG, or for --backend URLs."""
     from .asgi import BalanceMiddleware, not_found
@@ -190,6 +197,10 @@ def serve(
         raise click.UsageError("give a CONFIG file or at least one --backend URL")
     if bool(certfile) != bool(keyfile):
         raise click.UsageError("--certfile and --keyfile go together")
+    if proxy_protocol and (server_kind != "balancekit" or certfile):
+        # uvicorn has no PROXY protocol, and with TLS the header comes
+        # before the handshake, below what this server reads: not yet.
+        raise click.UsageError("--proxy-protocol needs the balancekit server, without TLS")
     tls = _server_tls(certfile, keyfile) if certfile and keyfile else None
     source: Any = config or {
         "pools": {"default": {"backends": list(backends), "algorithm": algorithm}},
@@ -218,7 +229,7 @@ def serve(
         finally:
             signal.signal(signal.SIGHUP, previous)
     else:
-        _run_lean(app, sock, reload, tls)
+        _run_lean(app, sock, reload, tls, proxy_protocol)
     click.echo("balancekit stopped")
 
 
@@ -277,7 +288,11 @@ def _server_tls(certfile: str, keyfile: str) -> ssl.SSLContext:
 
 
 def _run_lean(
-    app: Any, sock: socket.socket, reload: Callable[[], None], tls: ssl.SSLContext | None
+    app: Any,
+    sock: socket.socket,
+    reload: Callable[[], None],
+    tls: ssl.SSLContext | None,
+    proxy_protocol: bool,
 ) -> None:
     """Serve ``app`` on the lean server until SIGINT or SIGTERM, then drain;
     SIGHUP calls ``reload``."""
@@ -289,7 +304,7 @@ def _run_lean(
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         loop.add_signal_handler(signal.SIGHUP, reload)
-        server = LeanServer(app, tls)
+        server = LeanServer(app, tls, proxy_protocol=proxy_protocol)
         await server.start([sock])
         await stop.wait()
         await server.shutdown()
