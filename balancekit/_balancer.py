@@ -369,7 +369,7 @@ class Balancer:
         """
         new = load_config(config)
         problems: list[Problem] = []
-        for key in ("store", "transport", "secret", "status"):
+        for key in ("store", "transport", "secret", "status", "serve"):
             if getattr(new, key) != getattr(self.config, key):
                 problems.append(Problem(key, "cannot change without a restart"))
         kept_health, self._health = self._health, {}

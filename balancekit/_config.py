@@ -431,6 +431,29 @@ def _status_path(value: str) -> str:
     return value if value.endswith("/") else value + "/"
 
 
+def _port_number(value: int) -> int:
+    if not 0 <= value <= 65535:
+        raise ValueError(f"must be a port from 0 to 65535, got {value!r}")
+    return value
+
+
+def _one_worker(value: int) -> int:
+    if value != 1:
+        raise ValueError(f"several workers are not built yet, got {value!r}: run 1")
+    return value
+
+
+class ServeConfig(Schema):
+    """``balancekit serve``'s own settings; its command-line flags win."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, AfterValidator(_port_number)] = 8000
+    workers: Annotated[PositiveInt, AfterValidator(_one_worker)] = 1
+    certfile: str | None = None
+    keyfile: str | None = None
+    proxy_protocol: bool = False
+
+
 class StatusConfig(Schema):
     enabled: bool = False
     path: Annotated[str, AfterValidator(_status_path)] = "/balancekit/"
@@ -505,6 +528,7 @@ class BalancerConfig(Schema):
     pools: dict[str, PoolConfig] = Field(default_factory=dict)
     routes: list[RouteConfig] = Field(default_factory=list)
     status: StatusConfig = StatusConfig()
+    serve: ServeConfig = ServeConfig()
 
     @field_validator("transport")
     @classmethod
@@ -529,6 +553,7 @@ _CHILDREN: dict[type[BaseModel], dict[str, tuple[str, type[BaseModel]]]] = {
         "pools": ("dict", PoolConfig),
         "routes": ("list", RouteConfig),
         "status": ("one", StatusConfig),
+        "serve": ("one", ServeConfig),
     },
     RouteConfig: {
         "timeouts": ("one", RouteTimeouts),
@@ -649,6 +674,8 @@ def _cross_checks(config: BalancerConfig) -> list[Problem]:
                     f"{at}.rewrite", "excludes 'strip_prefix': the prefix is replaced either way"
                 )
             )
+    if (config.serve.certfile is None) != (config.serve.keyfile is None):
+        problems.append(Problem("serve", "'certfile' and 'keyfile' go together"))
     for name, pool in config.pools.items():
         if (
             pool.persistence is not None

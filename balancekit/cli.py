@@ -12,6 +12,7 @@ import ssl
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import click
@@ -138,8 +139,8 @@ def _server(app: Any, **options: Any) -> Any:
 
 @cli.command()
 @click.argument("config", required=False, type=click.Path(dir_okay=False))
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=8000, show_default=True, type=int, help="Port to listen on.")
+@click.option("--host", help="Address to listen on. [default: [serve] host, or 127.0.0.1]")
+@click.option("--port", type=int, help="Port to listen on. [default: [serve] port, or 8000]")
 @click.option(
     "--backend",
     "backends",
@@ -179,8 +180,8 @@ def _server(app: Any, **options: Any) -> Any:
 )
 def serve(
     config: str | None,
-    host: str,
-    port: int,
+    host: str | None,
+    port: int | None,
     backends: tuple[str, ...],
     algorithm: str,
     server_kind: str,
@@ -197,17 +198,24 @@ def serve(
         raise click.UsageError("give a CONFIG file or at least one --backend URL")
     if bool(certfile) != bool(keyfile):
         raise click.UsageError("--certfile and --keyfile go together")
-    if proxy_protocol and (server_kind != "balancekit" or certfile):
-        # uvicorn has no PROXY protocol, and with TLS the header comes
-        # before the handshake, below what this server reads: not yet.
-        raise click.UsageError("--proxy-protocol needs the balancekit server, without TLS")
-    tls = _server_tls(certfile, keyfile) if certfile and keyfile else None
     source: Any = config or {
         "pools": {"default": {"backends": list(backends), "algorithm": algorithm}},
         "routes": [{"prefix": "/", "pool": "default"}],
     }
     balancer = _load(source)
-    sock = _bind(host, port)
+    # The command line wins over [serve]; [serve]'s files are relative to
+    # the configuration file, as its other paths would be.
+    settings = balancer.config.serve
+    if not certfile and settings.certfile and settings.keyfile:
+        here = Path(config).parent if config else Path()
+        certfile, keyfile = str(here / settings.certfile), str(here / settings.keyfile)
+    proxy_protocol = proxy_protocol or settings.proxy_protocol
+    if proxy_protocol and (server_kind != "balancekit" or certfile):
+        # uvicorn has no PROXY protocol, and with TLS the header comes
+        # before the handshake, below what this server reads: not yet.
+        raise click.UsageError("--proxy-protocol needs the balancekit server, without TLS")
+    tls = _server_tls(certfile, keyfile) if certfile and keyfile else None
+    sock = _bind(host or settings.host, settings.port if port is None else port)
     url = _url(sock).replace("http://", "https://", 1) if tls else _url(sock)
     click.echo(f"balancekit serving on {url} (Ctrl-C to stop)")
     for name, pool in balancer.pools.items():

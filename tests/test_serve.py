@@ -315,3 +315,21 @@ def test_a_key_that_is_not_the_certificates_fails_at_start_up(upstreams, certifi
     ) as running:  # fmt: skip
         assert running.process.wait(timeout=20) != 0
     assert "--certfile/--keyfile" in "\n".join(running.lines)
+
+
+def test_the_serve_table_sets_what_flags_do_not(upstreams, certificate, tmp_path) -> None:
+    from_table, from_flag = free_port(), free_port()
+    config = tmp_path / "balancekit.toml"
+    config.write_text(
+        f'[serve]\nport = {from_table}\ncertfile = "cert.pem"\nkeyfile = "key.pem"\n'
+        f'[pools.api]\nbackends = ["{upstreams[0].url}"]\n'
+        '[[routes]]\nprefix = "/"\npool = "api"\n'
+    )  # the certificate files sit beside the configuration: relative paths
+    with started("serve", str(config)) as running:
+        assert f"https://127.0.0.1:{from_table}/" in running.wait_for("serving on")
+    with started("serve", str(config), "--port", str(from_flag)) as running:
+        assert f"https://127.0.0.1:{from_flag}/" in running.wait_for("serving on")
+    config.write_text(config.read_text().replace("[serve]\n", "[serve]\nworkers = 2\n"))
+    with started("serve", str(config)) as running:
+        assert running.process.wait(timeout=20) != 0
+    assert "serve.workers: several workers are not built yet" in "\n".join(running.lines)
