@@ -52,7 +52,9 @@ async def _app(scope: Any, receive: Any, send: Any) -> None:  # never reached: a
     await send({"type": "http.response.body", "body": b""})
 
 
-async def _measure(requests: int) -> float:
+async def _measure(requests: int, settings: dict[str, Any] | None = None) -> float:
+    """CPU us per request; ``settings`` are top-level configuration keys
+    laid over the harness's own."""
     from balancekit.asgi import BalanceMiddleware
 
     server = await asyncio.start_server(_backend, "127.0.0.1", 0)
@@ -62,6 +64,7 @@ async def _measure(requests: int) -> float:
         "status": {"enabled": True},
         "pools": {"p": {"backends": [f"http://127.0.0.1:{port}"]}},
         "routes": [{"prefix": "/", "pool": "p"}],
+        **(settings or {}),
     }
     middleware = BalanceMiddleware(_app, config=config)
     await middleware.balancer.astart()

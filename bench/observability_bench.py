@@ -31,12 +31,11 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from inprocess_bench import WARM_UP, _app, _backend
+from inprocess_bench import _measure
 
 VARIANTS = {
     "bare": {"request_id": ""},
@@ -70,50 +69,6 @@ def _configure(variant: str) -> None:
         trace.set_tracer_provider(provider)
 
 
-async def _measure(variant: str, requests: int) -> float:
-    from balancekit.asgi import BalanceMiddleware
-
-    server = await asyncio.start_server(_backend, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    config = {
-        "transport": "httptools",
-        "pools": {"p": {"backends": [f"http://127.0.0.1:{port}"]}},
-        "routes": [{"prefix": "/", "pool": "p"}],
-        **VARIANTS[variant],
-    }
-    middleware = BalanceMiddleware(_app, config=config)
-    await middleware.balancer.astart()
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/api/x",
-        "raw_path": b"/api/x",
-        "query_string": b"",
-        "headers": [(b"host", b"127.0.0.1:8080"), (b"user-agent", b"bench"), (b"accept", b"*/*")],
-        "client": ("127.0.0.1", 5555),
-        "server": ("127.0.0.1", 8080),
-    }
-
-    async def receive() -> Any:
-        await asyncio.sleep(3600)  # no body, and the client never leaves
-
-    async def send(message: Any) -> None:
-        pass
-
-    for _ in range(WARM_UP):
-        await middleware(scope, receive, send)
-    started = time.process_time()
-    for _ in range(requests):
-        await middleware(scope, receive, send)
-    spent = time.process_time() - started
-    await middleware.balancer.aclose()
-    server.close()
-    return spent / requests * 1e6
-
-
 def _run_once(variant: str, requests: int) -> float:
     command = [sys.executable, __file__, "--child", variant, "--requests", str(requests)]
     if os.path.exists("/usr/bin/taskset"):
@@ -134,7 +89,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         _configure(args.child)
-        print(asyncio.run(_measure(args.child, args.requests)))
+        settings = {"status": {"enabled": False}, **VARIANTS[args.child]}
+        print(asyncio.run(_measure(args.requests, settings)))
         return
     samples: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for _ in range(args.rounds):
