@@ -437,18 +437,13 @@ def _port_number(value: int) -> int:
     return value
 
 
-def _one_worker(value: int) -> int:
-    if value != 1:
-        raise ValueError(f"several workers are not built yet, got {value!r}: run 1")
-    return value
-
-
 class ServeConfig(Schema):
     """``balancekit serve``'s own settings; its command-line flags win."""
 
     host: str = "127.0.0.1"
     port: Annotated[int, AfterValidator(_port_number)] = 8000
-    workers: Annotated[PositiveInt, AfterValidator(_one_worker)] = 1
+    #: Above 1 needs a shared store; ``balancekit serve`` says so at start-up.
+    workers: PositiveInt = 1
     certfile: str | None = None
     keyfile: str | None = None
     proxy_protocol: bool = False

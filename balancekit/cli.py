@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -173,6 +174,12 @@ def _server(app: Any, **options: Any) -> Any:
     help="The private key (PEM) of --certfile.",
 )
 @click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    help="Worker processes sharing the port; above 1 needs a shared store."
+    " [default: [serve] workers, or 1]",
+)
+@click.option(
     "--proxy-protocol",
     is_flag=True,
     help="Read a PROXY protocol header (v1 or v2) first on every connection:"
@@ -187,6 +194,7 @@ def serve(
     server_kind: str,
     certfile: str | None,
     keyfile: str | None,
+    workers: int | None,
     proxy_protocol: bool,
 ) -> None:
     """Run a standalone balancer for CONFIG, or for --backend URLs."""
@@ -214,6 +222,14 @@ def serve(
         # uvicorn has no PROXY protocol, and with TLS the header comes
         # before the handshake, below what this server reads: not yet.
         raise click.UsageError("--proxy-protocol needs the balancekit server, without TLS")
+    asked = f"--workers {workers}" if workers else f"[serve] workers = {settings.workers}"
+    workers = workers or settings.workers
+    if workers > 1 and balancer.config.store.startswith("memory:"):
+        raise click.UsageError(
+            f"{asked} needs a shared store: with {balancer.config.store!r} each"
+            " worker would keep its own health checks, sticky pins and runtime changes."
+            ' Set store = "redis://HOST:6379/0" in the configuration, or run one worker.'
+        )
     tls = _server_tls(certfile, keyfile) if certfile and keyfile else None
     sock = _bind(host or settings.host, settings.port if port is None else port)
     url = _url(sock).replace("http://", "https://", 1) if tls else _url(sock)
@@ -222,49 +238,87 @@ def serve(
         click.echo(f"  pool {name}: {len(pool.backends)} backends, {pool.algorithm.name}")
     if balancer.config.access_log:
         _print_access_log()
-    app: Any = BalanceMiddleware(not_found, balancer=balancer)
-    if balancer.config.tracing:
-        from ._tracing import ServerSpan
 
-        app = ServerSpan(app)  # no app here to open the request's span
-    reload = _reloader(balancer, config)
-    if server_kind == "uvicorn":
-        previous = signal.signal(signal.SIGHUP, lambda signum, frame: reload())
-        files = {"ssl_certfile": certfile, "ssl_keyfile": keyfile} if tls else {}
-        try:
-            with _stopped_by_signals():
-                _server(app, **files).run(sockets=[sock])
-        finally:
-            signal.signal(signal.SIGHUP, previous)
+    def run(worker: str = "") -> None:
+        """One process's serving, until SIGTERM or SIGINT."""
+        app: Any = BalanceMiddleware(not_found, balancer=balancer)
+        if balancer.config.tracing:
+            from ._tracing import ServerSpan
+
+            app = ServerSpan(app)  # no app here to open the request's span
+        reload = _reloader(balancer, config, worker)
+        if server_kind == "uvicorn":
+            previous = signal.signal(signal.SIGHUP, lambda signum, frame: reload())
+            files = {"ssl_certfile": certfile, "ssl_keyfile": keyfile} if tls else {}
+            try:
+                with _stopped_by_signals():
+                    _server(app, **files).run(sockets=[sock])
+            finally:
+                signal.signal(signal.SIGHUP, previous)
+        else:
+            _run_lean(app, sock, reload, tls, proxy_protocol)
+
+    if workers == 1:
+        run()
     else:
-        _run_lean(app, sock, reload, tls, proxy_protocol)
+        _supervise(workers, run, balancer, config)
     click.echo("balancekit stopped")
 
 
-def _reloader(balancer: Balancer, path: str | None) -> Callable[[], None]:
+def _supervise(
+    workers: int, run: Callable[[str], None], balancer: Balancer, path: str | None
+) -> None:
+    """``--workers N``: fork N processes that serve the socket already bound,
+    and look after them until SIGTERM or SIGINT (see balancekit/_supervisor.py).
+    A worker started later, after a crash or a reload, forks from
+    ``balancer`` as the supervisor last reloaded it."""
+    from ._supervisor import Supervisor
+
+    def work() -> int:
+        run(f"worker {os.getpid()}: ")
+        return 0
+
+    def reload() -> bool:
+        # Never started here: the supervisor's copy only checks the file and
+        # keeps it for the workers it starts later.
+        return path is not None and _reload_file(balancer, path, "supervisor: ")
+
+    click.echo(f"  {workers} workers")
+    supervisor = Supervisor(
+        workers, work, reload=reload, say=lambda line: click.echo(line, err=True)
+    )
+    if supervisor.run() != 0:
+        sys.exit(1)
+
+
+def _reloader(balancer: Balancer, path: str | None, who: str = "") -> Callable[[], None]:
     """What SIGHUP does: read the configuration file again and apply it with
     ``Balancer.reload`` (unchanged pools keep their live state, requests in
     flight finish, the listening socket stays), in a thread of its own so
-    that the signal never runs it in the middle of the loop's work. A bad
-    file leaves the running configuration and says why."""
-
-    def apply() -> None:
-        assert path is not None
-        try:
-            balancer.reload(path)
-        except (ConfigError, PluginError) as exc:
-            click.echo(f"reload of {path} refused, the running configuration stays:", err=True)
-            click.echo(str(exc), err=True)
-        else:
-            click.echo(f"configuration reloaded from {path}")
+    that the signal never runs it in the middle of the loop's work."""
 
     def reload() -> None:
         if path is None:
             click.echo("SIGHUP: nothing to reload (serving --backend URLs, no file)", err=True)
             return
-        threading.Thread(target=apply, name="balancekit-reload", daemon=True).start()
+        threading.Thread(
+            target=_reload_file, args=(balancer, path, who), name="balancekit-reload", daemon=True
+        ).start()
 
     return reload
+
+
+def _reload_file(balancer: Balancer, path: str, who: str = "") -> bool:
+    """Apply the file at ``path`` to ``balancer``; a bad file leaves the
+    running configuration and says why. True when it was applied."""
+    try:
+        balancer.reload(path)
+    except (ConfigError, PluginError) as exc:
+        click.echo(f"{who}reload of {path} refused, the running configuration stays:", err=True)
+        click.echo(str(exc), err=True)
+        return False
+    click.echo(f"{who}configuration reloaded from {path}")
+    return True
 
 
 def _print_access_log() -> None:

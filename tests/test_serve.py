@@ -332,4 +332,4 @@ def test_the_serve_table_sets_what_flags_do_not(upstreams, certificate, tmp_path
     config.write_text(config.read_text().replace("[serve]\n", "[serve]\nworkers = 2\n"))
     with started("serve", str(config)) as running:
         assert running.process.wait(timeout=20) != 0
-    assert "serve.workers: several workers are not built yet" in "\n".join(running.lines)
+    assert "[serve] workers = 2 needs a shared store" in "\n".join(running.lines)
