@@ -20,6 +20,21 @@ def test_all_lists_exactly_the_public_names() -> None:
     assert balancekit.__all__ == sorted(balancekit.__all__)
 
 
+def test_load_report_all_lists_exactly_its_public_names() -> None:
+    import balancekit.load_report as module
+
+    public = {  # what it defines (its imports have another __module__), not its imports
+        name
+        for name, value in vars(module).items()
+        if not name.startswith("_")
+        and getattr(value, "__module__", module.__name__) == module.__name__
+        and not inspect.ismodule(value)
+    }
+    assert set(module.__all__) == public
+    assert module.__all__ == sorted(module.__all__)
+    assert "LoadReportMiddleware" in module.__all__
+
+
 def test_contract_names() -> None:
     for name in ("Balancer", "ConfigError", "hookimpl", "Algorithm", "Backend", "__version__"):
         assert name in balancekit.__all__
