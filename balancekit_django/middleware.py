@@ -3,19 +3,24 @@
 Routed paths are proxied by balancekit's engines (the sync one under WSGI,
 the async one under ASGI, with no sync/async switch per request); the
 status path is served when enabled; everything else goes on to Django.
+
+``LoadReportMiddleware``: the backend side of a Prequal probe for a Django
+site (see ``balancekit.load_report``), first in ``MIDDLEWARE``.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable
+from functools import partial
 from typing import Any
 from urllib.parse import quote
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
-from django.http import HttpRequest, HttpResponseBase, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
 
 from balancekit.adapter import Classification, Refuse, Routed, Status
+from balancekit.load_report import DEFAULT_ALPHA, DEFAULT_PATH, LoadTracker
 from balancekit.wsgi import classify_environ, environ_headers
 
 from .runtime import current
@@ -200,4 +205,84 @@ async def _proxy_async(balancer: Any, routed: Routed, request: HttpRequest) -> H
     return ProxiedResponse(body(), start["status"], _text(start["headers"]))
 
 
-__all__ = ["BalanceMiddleware", "ProxiedResponse"]
+class LoadReportMiddleware:
+    """Counts the site's requests in flight, keeps the moving average of
+    their latency and answers the load probe (``GET`` or ``HEAD`` on
+    ``path``) with ``{"in_flight": N, "latency_ms": X}``.
+
+    Put it first in ``MIDDLEWARE``: a request counts from here until
+    Django's handler closes its response (once the server has sent it, for
+    a streamed one too), and a middleware above it that answered with a
+    response of its own would keep the count from ever going down. The
+    probe is answered here, before any other middleware, and not counted.
+    Subclass to change ``path`` or ``alpha``; the same
+    ``balancekit.load_report.LoadTracker`` as the ASGI and WSGI forms.
+    """
+
+    sync_capable = True
+    async_capable = True
+    #: The probe's path (``prequal``'s ``probe_path``).
+    path = DEFAULT_PATH
+    #: The weight of the newest latency sample in the average.
+    alpha = DEFAULT_ALPHA
+
+    def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
+        self.get_response = get_response
+        # Its lock is taken under ASGI too: Django's ASGI handler closes a
+        # response (and so counts it out) in a thread of its own.
+        self.tracker = LoadTracker(alpha=self.alpha)
+        self.is_async = iscoroutinefunction(get_response)
+        if self.is_async:
+            markcoroutinefunction(self)
+
+    def __call__(self, request: HttpRequest) -> Any:
+        if self.is_async:
+            return self.__acall__(request)
+        if request.path_info == self.path:
+            return self._answer(request)
+        tracker = self.tracker
+        with tracker.lock:
+            started = tracker.begin()
+        try:
+            response = self.get_response(request)
+        except BaseException:
+            self._ended(started, failed=True)
+            raise
+        return self._counted(response, started)
+
+    async def __acall__(self, request: HttpRequest) -> Any:
+        if request.path_info == self.path:
+            return self._answer(request)
+        tracker = self.tracker
+        with tracker.lock:
+            started = tracker.begin()
+        try:
+            response = await self.get_response(request)
+        except BaseException:  # Django turns exceptions into responses: a cancellation
+            self._ended(started, failed=True)
+            raise
+        return self._counted(response, started)
+
+    def _counted(self, response: HttpResponseBase, started: float) -> HttpResponseBase:
+        # HttpResponseBase.close() runs _resource_closers once: it is how
+        # Django's own FileResponse and handlers release what a response
+        # holds, and close() is what both handlers and every WSGI server
+        # call when the response has been sent.
+        failed = response.status_code >= 500  # Django has made exceptions 500s
+        response._resource_closers.append(partial(self._ended, started, failed=failed))
+        return response
+
+    def _ended(self, started: float, *, failed: bool = False) -> None:
+        tracker = self.tracker
+        with tracker.lock:
+            tracker.end(started, failed=failed)
+
+    def _answer(self, request: HttpRequest) -> HttpResponseBase:
+        status, headers, body = self.tracker.answer(request.method or "GET")
+        response = HttpResponse(body, status=status)
+        for name, value in headers:
+            response[name.decode("latin-1")] = value.decode("latin-1")
+        return response
+
+
+__all__ = ["BalanceMiddleware", "LoadReportMiddleware", "ProxiedResponse"]
