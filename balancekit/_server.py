@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import socket
 import time
 from email.utils import formatdate
 from http import HTTPStatus
@@ -221,7 +222,7 @@ class _Cycle:
 
 
 class _Connection(asyncio.Protocol):
-    def __init__(self, server: LeanServer) -> None:
+    def __init__(self, server: LeanServer, source: tuple[str, int] | None = None) -> None:
         self.server = server
         self.app = server.app
         self.loop = server.loop
@@ -252,7 +253,9 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         #: With ``--proxy-protocol``: the bytes of the PROXY header so far,
         #: until it is complete (then None).
-        self.proxy_header: bytes | None = b"" if server.proxy_protocol else None
+        self.proxy_header: bytes | None = b"" if server.reads_proxy_header else None
+        #: The client a PROXY header read before the TLS handshake named.
+        self.source = source
 
     # --- asyncio.Protocol ---------------------------------------------------
 
@@ -261,6 +264,8 @@ class _Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         local = transport.get_extra_info("sockname")
         self.client = (peer[0], peer[1]) if isinstance(peer, tuple) else None
+        if self.source is not None:
+            self.client = self.source
         self.local = (local[0], local[1]) if isinstance(local, tuple) else None
         self.server.connections.add(self)
 
@@ -589,6 +594,10 @@ class LeanServer:
         self.proxy_protocol = proxy_protocol
         #: TLS at the edge: the context every connection's handshake uses.
         self.ssl = ssl
+        #: Whether a connection's protocol reads the PROXY header itself. With
+        #: TLS the header comes before the handshake, so it is read from the
+        #: socket before asyncio sees the connection (see _accept_proxied).
+        self.reads_proxy_header = proxy_protocol and ssl is None
         self.scheme = "https" if ssl is not None else "http"
         self.loop = asyncio.get_running_loop()
         self.connections: set[_Connection] = set()
@@ -598,10 +607,19 @@ class LeanServer:
         self._servers: list[asyncio.Server] = []
         self._reaper: asyncio.Task[None] | None = None
         self._ws: Any = None
+        #: With PROXY before TLS: the accept loops, and connections whose
+        #: header or handshake is still on its way.
+        self._accepting: list[asyncio.Task[None]] = []
+        self._arriving: set[asyncio.Task[None]] = set()
 
     async def start(self, sockets: list[Any]) -> None:
         await self.app.startup()
         for sock in sockets:
+            if self.proxy_protocol and self.ssl is not None:
+                sock.listen(2048)
+                sock.setblocking(False)
+                self._accepting.append(self.loop.create_task(self._accept_proxied(sock)))
+                continue
             server = await self.loop.create_server(
                 lambda: _Connection(self),
                 sock=sock,
@@ -612,6 +630,67 @@ class LeanServer:
             )
             self._servers.append(server)
         self._reaper = self.loop.create_task(self._reap())
+
+    async def _accept_proxied(self, listening: socket.socket) -> None:
+        """Accept connections that begin with a PROXY header and then a TLS
+        handshake: the header is read off the socket to its last byte and
+        no further, so the handshake that follows is asyncio's as usual."""
+        while True:
+            try:
+                sock, _ = await self.loop.sock_accept(listening)
+            except OSError as exc:  # EMFILE and the like: the next one may do
+                logger.warning("accepting a connection failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            task = self.loop.create_task(self._arrive(sock))
+            self._arriving.add(task)
+            task.add_done_callback(self._arriving.discard)
+
+    async def _arrive(self, sock: socket.socket) -> None:
+        try:
+            async with asyncio.timeout(HEAD_TIMEOUT):
+                header = await self._read_proxy_header(sock)
+            source = header.source
+            await self.loop.connect_accepted_socket(
+                lambda: _Connection(self, source),
+                sock,
+                ssl=self.ssl,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+            )
+        except (proxy_protocol.ProxyHeaderError, TimeoutError, OSError) as exc:
+            # ssl.SSLError is an OSError: a failed handshake lands here too.
+            logger.info("closing a connection: %s", str(exc) or type(exc).__name__)
+            sock.close()
+
+    async def _read_proxy_header(self, sock: socket.socket) -> proxy_protocol.ProxyHeader:
+        """The PROXY header at the front of ``sock``, consumed exactly: bytes
+        are taken only once known to belong to it (all of them while it is
+        incomplete, its last ones by length once it is whole)."""
+        taken = b""
+        while True:
+            await self._readable(sock)
+            try:
+                waiting = sock.recv(proxy_protocol.V2_MAX, socket.MSG_PEEK)
+            except BlockingIOError:
+                continue
+            if not waiting:
+                raise proxy_protocol.ProxyHeaderError("closed before its PROXY header")
+            header = proxy_protocol.parse(taken + waiting)
+            if header is None:
+                taken += sock.recv(len(waiting))
+                continue
+            rest = header.length - len(taken)
+            while rest:
+                rest -= len(sock.recv(rest))
+            return header
+
+    async def _readable(self, sock: socket.socket) -> None:
+        ready = self.loop.create_future()
+        self.loop.add_reader(sock.fileno(), ready.set_result, None)
+        try:
+            await ready
+        finally:
+            self.loop.remove_reader(sock.fileno())
 
     async def _reap(self) -> None:
         # One sweep a second instead of a timer per connection.
@@ -643,6 +722,8 @@ class LeanServer:
         self.stopping = True
         for server in self._servers:
             server.close()
+        for task in [*self._accepting, *self._arriving]:
+            task.cancel()
         for conn in list(self.connections):
             if conn.idle():
                 conn.close()

@@ -218,10 +218,9 @@ def serve(
         here = Path(config).parent if config else Path()
         certfile, keyfile = str(here / settings.certfile), str(here / settings.keyfile)
     proxy_protocol = proxy_protocol or settings.proxy_protocol
-    if proxy_protocol and (server_kind != "balancekit" or certfile):
-        # uvicorn has no PROXY protocol, and with TLS the header comes
-        # before the handshake, below what this server reads: not yet.
-        raise click.UsageError("--proxy-protocol needs the balancekit server, without TLS")
+    if proxy_protocol and server_kind != "balancekit":
+        # uvicorn reads no PROXY header: it would parse one as a request.
+        raise click.UsageError("--proxy-protocol needs the balancekit server (not uvicorn)")
     asked = f"--workers {workers}" if workers else f"[serve] workers = {settings.workers}"
     workers = workers or settings.workers
     if workers > 1 and balancer.config.store.startswith("memory:"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ import pytest
 from balancekit._proxy_protocol import V2_SIGNATURE, ProxyHeader, ProxyHeaderError, parse
 from tests.conftest import free_port
 from tests.test_commands import Running, started
+from tests.test_serve import certificate  # noqa: F401 (a fixture)
 
 
 def v2(command: int, family: int, body: bytes) -> bytes:
@@ -160,6 +162,61 @@ def test_a_connection_without_a_header_is_closed_unanswered(proxied) -> None:
     # and the server goes on serving
     assert forwarded_for(exchange(port, v2(1, 0x11, TCP4) + REQUEST)) == "203.0.113.7"
     assert running.process.poll() is None
+
+
+@pytest.fixture
+def proxied_tls(upstreams: list[Any], request: pytest.FixtureRequest) -> Iterator[tuple[int, str]]:
+    files = request.getfixturevalue("certificate")  # test_serve's
+    port = free_port()
+    args = ("serve", "--backend", upstreams[0].url, "--port", str(port), "--proxy-protocol")
+    tls = ("--certfile", files["cert"], "--keyfile", files["key"])
+    with started(*args, *tls) as running:
+        running.wait_for("serving on")
+        wait_until_open(port)
+        yield port, files["ca"]
+
+
+def tls_exchange(port: int, header: bytes, ca: str) -> bytes:
+    """``header`` then a TLS session carrying REQUEST; the plaintext answer.
+    Through memory BIOs, so the header and the ClientHello leave in one
+    write, as an L4 balancer's often do."""
+    context = ssl.create_default_context(cafile=ca)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    answer = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as conn:
+        first, sent = header, False
+        while True:
+            try:
+                if not sent:
+                    tls.do_handshake()
+                    tls.write(REQUEST)
+                    sent = True
+                while chunk := tls.read(65536):
+                    answer += chunk
+                return answer  # b"": the server's close_notify
+            except ssl.SSLWantReadError:
+                pass
+            conn.sendall(first + outgoing.read())
+            first = b""
+            data = conn.recv(65536)
+            if not data:
+                return answer
+            incoming.write(data)
+
+
+def test_a_header_before_the_tls_handshake_names_the_client(proxied_tls) -> None:
+    port, ca = proxied_tls
+    v1 = b"PROXY TCP4 203.0.113.7 10.0.0.1 51000 443\r\n"
+    answer = tls_exchange(port, v1, ca)
+    assert forwarded_for(answer) == "203.0.113.7"
+    assert b'"x-forwarded-proto", "https"' in answer
+    assert forwarded_for(tls_exchange(port, v2(1, 0x21, TCP6), ca)) == "2001:db8::7"
+    # no header: closed (reset: its bytes were left unread) before any
+    # handshake; then still serving
+    with pytest.raises(ConnectionResetError):
+        exchange(port, b"\x16\x03\x01\x00\x05hello")
+    assert forwarded_for(tls_exchange(port, v2(1, 0x11, TCP4), ca)) == "203.0.113.7"
 
 
 def test_proxy_protocol_is_refused_where_it_cannot_work(upstreams) -> None:
