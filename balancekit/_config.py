@@ -285,6 +285,44 @@ class PersistenceConfig(_PluginTable):
     type: str
 
 
+def _file_name(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must name a file, got ''")
+    return value
+
+
+def _server_name(value: str) -> str:
+    name = value.lower()
+    try:
+        ipaddress.ip_address(name)
+        return name  # verified as an IP address; no SNI is sent for one
+    except ValueError:
+        pass
+    labels = name.split(".")
+    if not name or not all(_LABEL.fullmatch(label) for label in labels):
+        raise ValueError(
+            f"must be a host name such as 'api.internal' (no port, no wildcard), got {value!r}"
+        )
+    return name
+
+
+FileName = Annotated[str, AfterValidator(_file_name)]
+
+
+class TLSConfig(Schema):
+    """A pool's TLS to its ``https://`` backends (see balancekit._upstream_tls)."""
+
+    #: PEM CA bundle that replaces the system's CAs.
+    ca: FileName | None = None
+    #: PEM client certificate (chain), presented to every backend (mTLS).
+    cert: FileName | None = None
+    #: Its PEM private key, unencrypted; may be left out when ``cert`` holds it.
+    key: FileName | None = None
+    #: The name sent as SNI and verified, instead of each backend's host.
+    server_name: Annotated[str, AfterValidator(_server_name)] | None = None
+    verify: bool = True
+
+
 class PoolConfig(Schema):
     algorithm: Annotated[AlgorithmConfig, BeforeValidator(_table_from_name)] = AlgorithmConfig()
     backends: list[Annotated[BackendConfig, BeforeValidator(_table_from_url)]] = Field(
@@ -308,6 +346,7 @@ class PoolConfig(Schema):
     )
     outlier_detection: OutlierDetectionConfig | None = None
     persistence: Annotated[PersistenceConfig | None, BeforeValidator(_table_from_type)] = None
+    tls: TLSConfig | None = None
 
     @field_validator("backends")
     @classmethod
@@ -559,6 +598,7 @@ _CHILDREN: dict[type[BaseModel], dict[str, tuple[str, type[BaseModel]]]] = {
         "timeouts": ("one", TimeoutsConfig),
         "retries": ("one", RetriesConfig),
         "outlier_detection": ("one", OutlierDetectionConfig),
+        "tls": ("one", TLSConfig),
     },
 }
 
@@ -672,6 +712,8 @@ def _cross_checks(config: BalancerConfig) -> list[Problem]:
     if (config.serve.certfile is None) != (config.serve.keyfile is None):
         problems.append(Problem("serve", "'certfile' and 'keyfile' go together"))
     for name, pool in config.pools.items():
+        if pool.tls is not None:
+            problems += _tls_checks(f"pools.{name}.tls", pool.tls)
         if (
             pool.persistence is not None
             and pool.persistence.type == "cookie"
@@ -683,6 +725,19 @@ def _cross_checks(config: BalancerConfig) -> list[Problem]:
                     "cookie persistence signs its cookies: set the top-level 'secret'",
                 )
             )
+    return problems
+
+
+def _tls_checks(at: str, tls: TLSConfig) -> list[Problem]:
+    problems = []
+    if tls.key is not None and tls.cert is None:
+        problems.append(
+            Problem(f"{at}.key", "needs 'cert': a key goes with the client certificate it signs")
+        )
+    if tls.ca is not None and not tls.verify:
+        problems.append(
+            Problem(f"{at}.ca", "is never used with verify = false (nothing is verified)")
+        )
     return problems
 
 
@@ -752,13 +807,37 @@ def validate_backend(url: str, weight: int = 1, *, backup: bool = False) -> Back
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as f:
-            return tomllib.load(f)
+            data = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such configuration file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot be read: {exc.strerror}") from None
+    _beside(data, path.parent)
+    return data
+
+
+#: A pool's ``tls`` keys that name files.
+TLS_FILES = ("ca", "cert", "key")
+
+
+def _beside(data: dict[str, Any], directory: Path) -> None:
+    """Make the relative file names of a TOML file's pools' ``tls`` tables
+    relative to the file's directory, as ``[serve] certfile`` is (a dict
+    config's stay relative to the working directory). Anything that is not
+    the expected shape is left for validation to name."""
+    pools = data.get("pools")
+    if not isinstance(pools, dict):
+        return
+    for pool in pools.values():
+        tls = pool.get("tls") if isinstance(pool, dict) else None
+        if not isinstance(tls, dict):
+            continue
+        for key in TLS_FILES:
+            value = tls.get(key)
+            if isinstance(value, str) and value.strip():
+                tls[key] = str(directory / value)
 
 
 #: Constructor arguments the balancer fills in itself, never config keys.
