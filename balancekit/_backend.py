@@ -9,7 +9,11 @@ from __future__ import annotations
 import enum
 import time
 from collections import deque
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from ._upstream_tls import UpstreamTLS
 
 #: Weight of the newest sample in the latency moving average.
 EWMA_ALPHA = 0.3
@@ -79,6 +83,7 @@ class Backend:
         "returned_at",
         "scheme",
         "state_since",
+        "tls",
         "url",
         "weight",
     )
@@ -106,6 +111,9 @@ class Backend:
             "ascii"
         )
         self.origin = f"{self.scheme}://{host}:{self.port}"
+        #: The pool's TLS for an ``https://`` backend (set by its pool);
+        #: None: the system's CAs and the backend's own host name.
+        self.tls: UpstreamTLS | None = None
         self.enabled = True
         self.draining = False
         self.healthy = True

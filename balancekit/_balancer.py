@@ -25,6 +25,7 @@ from ._forwarding import TrustedProxies
 from ._plugins import PluginManager, build_plugin, make_plugin_manager
 from ._pool import Pool
 from ._routing import Route, RouteTable, route_from_config
+from ._upstream_tls import UpstreamTLS, upstream_tls
 from .metrics import Metrics, available as metrics_available
 from .stores import GuardedStore, MemoryStore, RedisStore
 
@@ -86,6 +87,7 @@ class Balancer:
                 self.pools[name] = pool
         if problems:
             raise ConfigError(problems)
+        _warn_unverified(self.pools, {})
         #: Prometheus metrics: on with the status path (when prometheus-client
         #: is installed), or whenever a registry is given.
         self.metrics: Metrics | None = None
@@ -148,8 +150,26 @@ class Balancer:
             problems.extend(exc.problems)
             return None
 
-    def _build_pool(self, name: str, config: PoolConfig, problems: list[Problem]) -> Pool | None:
+    def _upstream_tls(
+        self, name: str, config: PoolConfig, problems: list[Problem], previous: UpstreamTLS | None
+    ) -> UpstreamTLS | None:
+        if config.tls is None:
+            return None
+        try:
+            return upstream_tls(config.tls, f"pools.{name}.tls", previous)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            return None
+
+    def _build_pool(
+        self,
+        name: str,
+        config: PoolConfig,
+        problems: list[Problem],
+        previous_tls: UpstreamTLS | None = None,
+    ) -> Pool | None:
         where = f"pools.{name}"
+        tls = self._upstream_tls(name, config, problems, previous_tls)
         cls = self._plugin("algorithm", config.algorithm.name, f"{where}.algorithm", problems)
         algorithm: SupportsPick | None = None
         if cls is not None:
@@ -186,7 +206,9 @@ class Balancer:
                 )
         if algorithm is None:
             return None
-        pool = Pool(name, config, algorithm, on_state_change=self._state_changed, clock=self.clock)
+        pool = Pool(
+            name, config, algorithm, on_state_change=self._state_changed, clock=self.clock, tls=tls
+        )
         pool.active_checks = name in self._health
         pool.persistence = persistence
         return pool
@@ -374,19 +396,28 @@ class Balancer:
                 problems.append(Problem(key, "cannot change without a restart"))
         kept_health, self._health = self._health, {}
         pools: dict[str, Pool] = {}
+        # A kept pool's context, rebuilt when its files changed on disk.
+        rotated: dict[str, UpstreamTLS | None] = {}
         for name, pool_config in new.pools.items():
             old = self.pools.get(name)
             if old is not None and _settings(old.config) == _settings(pool_config):
                 pools[name] = old
                 if name in kept_health:
                     self._health[name] = kept_health[name]
+                tls = self._upstream_tls(name, pool_config, problems, old.tls)
+                if tls is not old.tls:
+                    rotated[name] = tls
                 continue
-            pool = self._build_pool(name, pool_config, problems)
+            previous = old.tls if old is not None else None
+            pool = self._build_pool(name, pool_config, problems, previous)
             if pool is not None:
                 pools[name] = pool
         if problems:
             self._health = kept_health
             raise ConfigError(problems)
+        before = {name: pool.tls for name, pool in self.pools.items()}
+        for name, tls in rotated.items():
+            pools[name].tls = tls
         for name, pool in pools.items():
             if self.pools.get(name) is pool:
                 _follow_backends(pool, new.pools[name])
@@ -409,6 +440,7 @@ class Balancer:
         if rebuilt:
             for loop in loops:
                 asyncio.run_coroutine_threadsafe(self._restart_checks(), loop)
+        _warn_unverified(pools, before)
         logger.info("configuration reloaded: %d pools, %d routes", len(pools), len(self.routes))
 
     async def aclose(self) -> None:
@@ -441,6 +473,19 @@ class Balancer:
                     "plugin %r failed in balancekit_backend_state_changed",
                     self.plugins.pm.get_name(impl.plugin),
                 )
+
+
+def _warn_unverified(pools: dict[str, Pool], before: dict[str, UpstreamTLS | None]) -> None:
+    """One warning per pool whose new context verifies nothing (none for a
+    context a reload kept)."""
+    for name, pool in pools.items():
+        tls = pool.tls
+        if tls is not None and not tls.verify and before.get(name) is not tls:
+            logger.warning(
+                "pool %s: tls.verify = false: its backends' certificates and names are not "
+                "checked, so whoever is on the path to them can read and change the traffic",
+                name,
+            )
 
 
 def _settings(config: PoolConfig) -> dict[str, Any]:

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from ._config import PoolConfig
     from ._request import RequestInfo
     from ._types import SupportsPick
+    from ._upstream_tls import UpstreamTLS
     from .metrics import PoolMetrics
     from .persistence import Persistence
 
@@ -77,8 +78,12 @@ class Pool:
         *,
         on_state_change: StateListener | None = None,
         clock: Callable[[], float] = time.monotonic,
+        tls: UpstreamTLS | None = None,
     ) -> None:
         self.name = name
+        #: The context its https:// backends are reached with (``tls``
+        #: table), built by the Balancer; None: the system's defaults.
+        self._tls = tls
         self.config = config
         self.max_connections = config.max_connections
         self.timeouts = config.timeouts
@@ -137,6 +142,20 @@ class Pool:
             self._add(Backend(backend.url, backend.weight, backup=backend.backup))
         self.algorithm = algorithm  # also builds the eligible lists
         self._started = True  # from now on, a backend joining ramps up
+
+    @property
+    def tls(self) -> UpstreamTLS | None:
+        return self._tls
+
+    @tls.setter
+    def tls(self, tls: UpstreamTLS | None) -> None:
+        # A reload that found the files of an unchanged table rotated: new
+        # connections use the new context; those open finish on the old.
+        with self._lock:
+            self._tls = tls
+            for backend in self.backends:
+                if backend.scheme == "https":
+                    backend.tls = tls
 
     @property
     def algorithm(self) -> SupportsPick:
@@ -564,6 +583,8 @@ class Pool:
     # --- internals --------------------------------------------------------------
 
     def _add(self, backend: Backend) -> Backend:
+        if backend.scheme == "https":
+            backend.tls = self._tls
         self.membership += 1
         self.backends.append(backend)
         self._by_url[backend.url] = backend
