@@ -68,6 +68,7 @@ async def proxy_websocket(
     scheme = "wss" if backend.scheme == "https" else "ws"
     url = URL(f"{scheme}://{backend.host_header}{backend.base_path}{routed.target}", encoded=True)
     session = transport.session()
+    tls = backend.tls  # the pool's TLS for a wss:// backend, as for its requests
     try:
         upstream = await session.ws_connect(
             url,
@@ -76,6 +77,8 @@ async def proxy_websocket(
             autoclose=False,
             max_msg_size=0,
             timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0),
+            ssl=True if tls is None else tls.context,
+            server_hostname=None if tls is None else tls.server_name,
         )
     except BaseException as exc:  # counted whatever it was, then raised again unless aiohttp's
         # Counted before the client hears of it, whatever went wrong.

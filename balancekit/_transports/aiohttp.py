@@ -1,4 +1,9 @@
-"""The default async transport: aiohttp's client, one session per event loop."""
+"""The default async transport: aiohttp's client, one session per event loop.
+
+A backend with its pool's TLS (``Backend.tls``) passes the pool's context
+and server name with each request; aiohttp keys its connection pool by both,
+so pools with different TLS never share a connection.
+"""
 
 from __future__ import annotations
 
@@ -143,6 +148,7 @@ class AiohttpTransport:
         url = URL(backend.origin + backend.base_path + target, encoded=True)
         str_headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
         watch = None if body is None else _WriteWatch(body, timeouts.write)
+        tls = backend.tls
         try:
             response = await self.session().request(
                 method,
@@ -151,6 +157,9 @@ class AiohttpTransport:
                 data=watch.__aiter__() if watch is not None else None,
                 allow_redirects=False,
                 timeout=self._timeout(timeouts),
+                # aiohttp's own defaults (the system's CAs, the URL's host) without one
+                ssl=True if tls is None else tls.context,
+                server_hostname=None if tls is None else tls.server_name,
             )
         except AIOHTTP_ERRORS as exc:
             raise translate_error(exc) from exc

@@ -17,7 +17,10 @@ socket and the engine but a keep-alive pool per backend:
   the socket when ``READ_BUFFER`` is waiting unread, the request body waits
   for the socket to drain;
 - connect, read (per wait) and write (per drain) timeouts; TLS for
-  ``https://`` backends, verified against the system's CAs.
+  ``https://`` backends with their pool's context (``Backend.tls``), or
+  verified against the system's CAs under the backend's host name. The
+  pool's context is part of the keep-alive key: pools with different TLS
+  never share a connection to the same address.
 
 A HEAD answer, or any answer whose body is not read to its end, closes its
 connection rather than risk its leftovers answering the next request.
@@ -48,6 +51,11 @@ if TYPE_CHECKING:
     from .._backend import Backend
     from .._config import TimeoutsConfig
     from .._types import RawHeaders
+    from .._upstream_tls import UpstreamTLS
+
+#: A keep-alive pool's key: host, port, and the pool's TLS (or whether
+#: the backend is https:// with the system's defaults).
+_Key = tuple[str, int, "UpstreamTLS | bool"]
 
 IDLE_PER_BACKEND = 100
 IDLE_SECONDS = 30.0
@@ -327,13 +335,11 @@ class HttptoolsTransport:
 
     def __init__(self) -> None:
         # One transport serves one event loop (an engine's, a health check's).
-        self._idle: dict[tuple[str, int, bool], collections.deque[_Connection]] = {}
+        self._idle: dict[_Key, collections.deque[_Connection]] = {}
         self._tls: ssl.SSLContext | None = None
         self._read_buffer = memoryview(bytearray(READ_SIZE))
 
-    def _checkout(
-        self, key: tuple[str, int, bool]
-    ) -> tuple[_Connection | None, collections.deque[_Connection]]:
+    def _checkout(self, key: _Key) -> tuple[_Connection | None, collections.deque[_Connection]]:
         pooled = self._idle.get(key)
         if pooled is None:
             pooled = self._idle[key] = collections.deque()
@@ -347,17 +353,23 @@ class HttptoolsTransport:
 
     async def _connect(self, backend: Backend, timeouts: TimeoutsConfig) -> _Connection:
         loop = asyncio.get_running_loop()
-        tls = backend.scheme == "https"
-        if tls and self._tls is None:
-            self._tls = ssl.create_default_context()
+        context: ssl.SSLContext | None = None
+        server_name = None
+        tls = backend.tls
+        if tls is not None:
+            context, server_name = tls.context, tls.server_name or backend.host
+        elif backend.scheme == "https":
+            if self._tls is None:
+                self._tls = ssl.create_default_context()
+            context, server_name = self._tls, backend.host
         try:
             async with asyncio.timeout(timeouts.connect):  # see drain: not wait_for
                 _, conn = await loop.create_connection(
                     lambda: _Connection(loop, self._read_buffer),
                     backend.host,
                     backend.port,
-                    ssl=self._tls if tls else None,
-                    server_hostname=backend.host if tls else None,
+                    ssl=context,
+                    server_hostname=server_name,
                 )
         except TimeoutError:
             raise UpstreamTimeout.connecting() from None
@@ -374,7 +386,7 @@ class HttptoolsTransport:
         body: AsyncIterable[bytes] | None,
         timeouts: TimeoutsConfig,
     ) -> HttptoolsResponse:
-        key = (backend.host, backend.port, backend.scheme == "https")
+        key = (backend.host, backend.port, backend.tls or backend.scheme == "https")
         conn, pooled = self._checkout(key)
         method_raw = method.encode("ascii")
         head = _request_head(

@@ -1,7 +1,15 @@
-"""The httpx async transport: ``transport = "httpx"``."""
+"""The httpx async transport: ``transport = "httpx"``, and the sync engine's
+``httpx`` option.
+
+httpx takes its TLS settings per client, so a pool's TLS (``Backend.tls``)
+gets a client of its own, made on its first request and kept: pools with
+different TLS never share a connection. Its ``server_name`` goes with each
+request as httpcore's ``sni_hostname`` extension (the name sent and verified).
+"""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +27,7 @@ if TYPE_CHECKING:
     from .._backend import Backend
     from .._config import TimeoutsConfig
     from .._types import RawHeaders
+    from .._upstream_tls import UpstreamTLS
 
 
 #: What the transport catches from httpx; translate_error maps each.
@@ -131,13 +140,17 @@ class _Timeouts:
         body: Any,
         timeouts: TimeoutsConfig,
     ) -> httpx.Request:
+        extensions: dict[str, Any] = {"timeout": self._timeout(timeouts)}
+        tls = backend.tls
+        if tls is not None and tls.server_name is not None:
+            extensions["sni_hostname"] = tls.server_name
         # A bare Request carries none of the client's default headers.
         return httpx.Request(
             method,
             backend.origin + backend.base_path + target,
             headers=headers,
             content=body,
-            extensions={"timeout": self._timeout(timeouts)},
+            extensions=extensions,
         )
 
 
@@ -149,6 +162,18 @@ class HttpxSyncTransport(_Timeouts):
     def __init__(self) -> None:
         super().__init__()
         self.client = httpx.Client(**_CLIENT_OPTIONS)
+        self._tls_clients: dict[UpstreamTLS, httpx.Client] = {}
+        self._lock = threading.Lock()
+
+    def _tls_client(self, tls: UpstreamTLS) -> httpx.Client:
+        client = self._tls_clients.get(tls)
+        if client is None:
+            with self._lock:  # the engine's threads share the transport
+                client = self._tls_clients.get(tls)
+                if client is None:
+                    client = httpx.Client(verify=tls.context, **_CLIENT_OPTIONS)
+                    self._tls_clients[tls] = client
+        return client
 
     def send(
         self,
@@ -160,14 +185,20 @@ class HttpxSyncTransport(_Timeouts):
         timeouts: TimeoutsConfig,
     ) -> HttpxSyncResponse:
         request = self._request(backend, method, target, headers, body, timeouts)
+        tls = backend.tls
+        client = self.client if tls is None else self._tls_client(tls)
         try:
-            response = self.client.send(request, stream=True)
+            response = client.send(request, stream=True)
         except HTTPX_ERRORS as exc:
             raise translate_error(exc) from exc
         return HttpxSyncResponse(response)
 
     def close(self) -> None:
         self.client.close()
+        with self._lock:
+            clients, self._tls_clients = self._tls_clients, {}
+        for client in clients.values():
+            client.close()
 
 
 class HttpxTransport(_Timeouts):
@@ -176,11 +207,21 @@ class HttpxTransport(_Timeouts):
     def __init__(self) -> None:
         super().__init__()
         self._client: httpx.AsyncClient | None = None
+        # One event loop uses the transport: no lock.
+        self._tls_clients: dict[UpstreamTLS, httpx.AsyncClient] = {}
 
     def client(self) -> httpx.AsyncClient:
         if self._client is None:
             self._client = httpx.AsyncClient(**_CLIENT_OPTIONS)
         return self._client
+
+    def _tls_client(self, tls: UpstreamTLS) -> httpx.AsyncClient:
+        client = self._tls_clients.get(tls)
+        if client is None:
+            client = self._tls_clients[tls] = httpx.AsyncClient(
+                verify=tls.context, **_CLIENT_OPTIONS
+            )
+        return client
 
     async def send(
         self,
@@ -192,8 +233,10 @@ class HttpxTransport(_Timeouts):
         timeouts: TimeoutsConfig,
     ) -> HttpxResponse:
         request = self._request(backend, method, target, headers, body, timeouts)
+        tls = backend.tls
+        client = self.client() if tls is None else self._tls_client(tls)
         try:
-            response = await self.client().send(request, stream=True)
+            response = await client.send(request, stream=True)
         except HTTPX_ERRORS as exc:
             raise translate_error(exc) from exc
         return HttpxResponse(response)
@@ -202,3 +245,6 @@ class HttpxTransport(_Timeouts):
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+        clients, self._tls_clients = self._tls_clients, {}
+        for client in clients.values():
+            await client.aclose()

@@ -5,6 +5,13 @@ checks each idle connection before reuse (a connection that has bytes
 waiting, or was closed by the backend, is dropped rather than handed to
 the next request). Nothing here outlives a fork: the engine that owns a
 transport is rebuilt in the child.
+
+A backend with its pool's TLS (``Backend.tls``) gets an
+``HTTPSConnectionPool`` on the pool's context, its ``server_name`` as
+urllib3's ``server_hostname`` (the name sent as SNI and the name the
+standard library verifies). ``assert_hostname`` is not passed: urllib3 would
+then switch ``check_hostname`` off on the context, which the pool's other
+transports (and its health checks) share.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ if TYPE_CHECKING:
     from .._backend import Backend
     from .._config import TimeoutsConfig
     from .._types import RawHeaders
+    from .._upstream_tls import UpstreamTLS
 
 #: Bytes asked of the socket at once; a read returns what has arrived.
 READ_SIZE = 64 * 1024
@@ -92,6 +100,16 @@ class _TLSConnection(_WriteTimeout, HTTPSConnection):
         self.write_timeout = write_timeout
 
 
+class _UnverifiedPool(urllib3.HTTPSConnectionPool):
+    """A pool whose ``tls.verify = false``: said once at start-up, where
+    urllib3 would warn (InsecureRequestWarning) on every request."""
+
+    def _validate_conn(self, conn: Any) -> None:
+        # HTTPSConnectionPool._validate_conn without its warning.
+        if conn.is_closed:
+            conn.connect()
+
+
 def _checked_headers(response: urllib3.BaseHTTPResponse) -> RawHeaders:
     """The response's headers as raw pairs, or ``ValueError`` where
     ``http.client`` is lenient and aiohttp, httpx and NGINX are not: a
@@ -142,12 +160,12 @@ class Urllib3Transport:
     name = "urllib3"
 
     def __init__(self) -> None:
-        self._pools: dict[tuple[str, int], urllib3.HTTPConnectionPool] = {}
+        self._pools: dict[tuple[str, int, UpstreamTLS | None], urllib3.HTTPConnectionPool] = {}
         self._timeouts: dict[int, tuple[TimeoutsConfig, urllib3.Timeout]] = {}
         self._lock = threading.Lock()
 
     def _pool(self, backend: Backend, timeouts: TimeoutsConfig) -> urllib3.HTTPConnectionPool:
-        key = (backend.origin, id(timeouts))
+        key = (backend.origin, id(timeouts), backend.tls)
         found = self._pools.get(key)
         if found is None:
             with self._lock:
@@ -166,8 +184,20 @@ class Urllib3Transport:
             "timeout": timeout,
             "write_timeout": timeouts.write,
         }
-        if backend.scheme == "https":
-            pool: urllib3.HTTPConnectionPool = urllib3.HTTPSConnectionPool(
+        tls = backend.tls
+        if tls is not None:
+            cls = urllib3.HTTPSConnectionPool if tls.verify else _UnverifiedPool
+            # cert_reqs left out: urllib3 takes the context's own verify_mode.
+            pool: urllib3.HTTPConnectionPool = cls(
+                backend.host,
+                backend.port,
+                ssl_context=tls.context,
+                server_hostname=tls.server_name,
+                **options,
+            )
+            pool.ConnectionCls = _TLSConnection
+        elif backend.scheme == "https":
+            pool = urllib3.HTTPSConnectionPool(
                 backend.host, backend.port, cert_reqs="CERT_REQUIRED", **options
             )
             pool.ConnectionCls = _TLSConnection
