@@ -396,7 +396,9 @@ def test_verify_false_warns_once_per_pool_and_again_only_for_a_new_context(caplo
         }
 
     def warned() -> list[str]:
-        return [r.getMessage()[:6] for r in caplog.records if "tls.verify = false" in r.getMessage()]
+        return [
+            r.getMessage()[:6] for r in caplog.records if "tls.verify = false" in r.getMessage()
+        ]
 
     with caplog.at_level(logging.WARNING, logger="balancekit"):
         balancer = Balancer(pools({"verify": False}))
