@@ -30,6 +30,7 @@ from .metrics import Metrics, available as metrics_available
 from .stores import GuardedStore, MemoryStore, RedisStore
 
 if TYPE_CHECKING:
+    from ._admin import AdminEndpoint
     from ._background import BackgroundLoop
     from ._classify import Classification
     from ._coordination import Coordinator
@@ -72,6 +73,11 @@ class Balancer:
         #: latency sample ages. Tests pass a clock they move by hand.
         self.clock = clock
         self.config = load_config(config if config is not None else {})
+        #: The file this balancer was made from, which the admin API's
+        #: ``POST reload`` reads again (None for a dict or a parsed config).
+        self.config_path: str | None = (
+            os.fspath(config) if isinstance(config, str | os.PathLike) else None
+        )
         self.plugins = plugin_manager or make_plugin_manager()
         self.trusted_proxies = TrustedProxies(self.config.trusted_proxies)
         self.routes = _route_table(self.config)
@@ -103,6 +109,12 @@ class Balancer:
             from .status import StatusEndpoint
 
             self.status_endpoint = StatusEndpoint(self)
+        #: The admin HTTP API, when ``[admin] enabled`` (a restart changes it).
+        self.admin_endpoint: AdminEndpoint | None = None
+        if self.config.admin.enabled:
+            from ._admin import AdminEndpoint
+
+            self.admin_endpoint = AdminEndpoint(self)
         self._model = self._make_model()
         #: With a shared store, what keeps this process in step with the others.
         self.coordinator: Coordinator | None = None
@@ -242,6 +254,7 @@ class Balancer:
             self.status_endpoint,
             self.config.request_id.lower().encode("latin-1"),
             self._tracing(),
+            self.admin_endpoint,
         )
 
     def classify(
@@ -391,7 +404,7 @@ class Balancer:
         """
         new = load_config(config)
         problems: list[Problem] = []
-        for key in ("store", "transport", "secret", "status", "serve"):
+        for key in ("store", "transport", "secret", "status", "admin", "serve"):
             if getattr(new, key) != getattr(self.config, key):
                 problems.append(Problem(key, "cannot change without a restart"))
         kept_health, self._health = self._health, {}

@@ -8,6 +8,8 @@ Every adapter (the ASGI and WSGI middlewares, Django's, Flask's, and so
   unsafe body framing, too many headers) and forward nothing;
 - :class:`Status`: the status path; the adapter serves it with
   ``balancer.status_endpoint`` once it knows who asks;
+- :class:`Admin`: the admin API; the adapter reads the body and serves it
+  with ``balancer.admin_endpoint.respond(method, raw_path, ...)``;
 - :class:`Routed`: proxy it: the route, its pool, the request as plugins
   see it, the upstream target and the headers to forward, all worked out
   here so that an engine only moves bytes.
@@ -29,6 +31,7 @@ from ._request import RequestInfo
 from ._routing import BadPath, normalize_path
 
 if TYPE_CHECKING:
+    from ._admin import AdminEndpoint
     from ._config import RetriesConfig, TimeoutsConfig
     from ._forwarding import TrustedProxies
     from ._pool import Pool
@@ -65,6 +68,14 @@ class Status:
     """A request for the status path (``path`` normalised)."""
 
     path: str
+
+
+@dataclass(frozen=True, slots=True)
+class Admin:
+    """A request for the admin API; ``raw_path`` as sent (a backend's URL
+    is one percent-encoded segment of it)."""
+
+    raw_path: str
 
 
 class Routed:
@@ -130,7 +141,7 @@ class Routed:
         return f"Routed({self.request.method} {self.target!r} -> pool {self.pool.name!r})"
 
 
-Classification = Pass | Refuse | Status | Routed
+Classification = Pass | Refuse | Status | Admin | Routed
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +158,8 @@ class Model:
     request_id: bytes = b""
     #: Spans per try, with ``tracing = true``.
     tracing: Tracing | None = None
+    #: The admin HTTP API, with ``[admin] enabled``.
+    admin: AdminEndpoint | None = None
 
 
 def classify(
@@ -171,6 +184,9 @@ def classify(
             return PASS  # not UTF-8, and not ours: the app decides what it means
         return Refuse(*problem(400, str(exc), close=True))
     if route is None:
+        admin = model.admin
+        if admin is not None and admin.matches(path):  # before the status path: it may be inside
+            return Admin(raw_path)
         status = model.status
         if status is not None and status.matches(path):
             return Status(path)

@@ -28,6 +28,7 @@ from pydantic import (
     PlainSerializer,
     PlainValidator,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 
@@ -495,6 +496,23 @@ class StatusConfig(Schema):
     allow: CIDRList = ()
 
 
+class AdminConfig(Schema):
+    """The admin HTTP API (``balancekit.admin``): runtime changes over HTTP."""
+
+    enabled: bool = False
+    path: Annotated[str, AfterValidator(_status_path)] = "/balancekit/api/"
+    #: Bearer token every request must carry; required when enabled.
+    token: str = Field("", validate_default=True)
+    allow: CIDRList = ()
+
+    @field_validator("token")
+    @classmethod
+    def _token_when_enabled(cls, value: str, info: ValidationInfo) -> str:
+        if info.data.get("enabled") and not value:
+            raise ValueError("required when the admin API is enabled (it changes what is served)")
+        return value
+
+
 #: Headers balancekit itself writes or drops: a request id cannot be one.
 _NOT_A_REQUEST_ID = frozenset(
     {
@@ -562,6 +580,7 @@ class BalancerConfig(Schema):
     pools: dict[str, PoolConfig] = Field(default_factory=dict)
     routes: list[RouteConfig] = Field(default_factory=list)
     status: StatusConfig = StatusConfig()
+    admin: AdminConfig = AdminConfig()
     serve: ServeConfig = ServeConfig()
 
     @field_validator("transport")
@@ -587,6 +606,7 @@ _CHILDREN: dict[type[BaseModel], dict[str, tuple[str, type[BaseModel]]]] = {
         "pools": ("dict", PoolConfig),
         "routes": ("list", RouteConfig),
         "status": ("one", StatusConfig),
+        "admin": ("one", AdminConfig),
         "serve": ("one", ServeConfig),
     },
     RouteConfig: {

@@ -12,6 +12,8 @@ An adapter turns its framework's request into the arguments of
         ...
     elif isinstance(verdict, Status): # balancer.status_endpoint serves verdict.path
         ...
+    elif isinstance(verdict, Admin):  # balancer.admin_endpoint.respond(method,
+        ...                           #   verdict.raw_path, client_ip, headers, body)
     else:                             # PASS: the framework has it
         ...
 
@@ -25,13 +27,14 @@ from __future__ import annotations
 
 from ._balancer import ConfigInput
 from ._changes import Change, Op, toward_flags
-from ._classify import PASS, Classification, Pass, Refuse, Routed, Status
+from ._classify import PASS, Admin, Classification, Pass, Refuse, Routed, Status
 from ._config import validate_backend, with_default_secret
 from ._exceptions import Problem
 from ._routing import Route, route_from_config
 
 __all__ = [
     "PASS",
+    "Admin",
     "Change",
     "Classification",
     "ConfigInput",

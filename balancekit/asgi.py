@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from urllib.parse import quote
 
+from ._admin import MAX_BODY
 from ._balancer import Balancer, ConfigInput, balancer_from
-from ._classify import Refuse, Routed, Status
+from ._classify import Admin, Refuse, Routed, Status
 from ._engine_async import _respond
 from ._problem import problem
 from ._types import ASGIApp, Message, Receive, Scope, Send
@@ -81,6 +83,19 @@ class BalanceMiddleware:
                 scope.get("query_string", b"").decode("latin-1"),
                 send,
             )
+        elif type(verdict) is Admin and kind == "http":
+            admin = balancer.admin_endpoint
+            assert admin is not None  # no Admin verdict without one
+            body = await _read_body(receive, MAX_BODY + 1)
+            answer = await asyncio.to_thread(  # a reload reads and builds: not on the loop
+                admin.respond,
+                scope.get("method", "GET"),
+                verdict.raw_path,
+                client[0] if client else "",
+                list(scope["headers"]),
+                body,
+            )
+            await _respond(send, *answer)
         else:
             await self.app(scope, receive, send)
 
@@ -107,6 +122,20 @@ class BalanceMiddleware:
             return message
 
         await self.app(scope, lifespan_receive, send)
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
+    """The request body, or its first ``limit`` bytes and more (for an
+    answer that says it is too large without reading it all)."""
+    body = b""
+    while len(body) < limit:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    return body
 
 
 async def not_found(scope: Scope, receive: Receive, send: Send) -> None:

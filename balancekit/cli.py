@@ -36,8 +36,13 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 def status_table(balancer: Balancer) -> str:
     """Every pool's backends with their live state, as ``balancekit`` commands print them."""
+    return pools_table(balancer.status()["pools"])
+
+
+def pools_table(pools: dict[str, Any]) -> str:
+    """status.json's ``pools`` object as a table, one row per backend."""
     rows = []
-    for name, pool in balancer.status()["pools"].items():
+    for name, pool in pools.items():
         for b in pool["backends"]:
             latency = "-" if b["latency_ewma_ms"] is None else f"{b['latency_ewma_ms']:.1f}"
             rows.append(
@@ -274,6 +279,10 @@ def _supervise(
     from ._supervisor import Supervisor
 
     def work() -> int:
+        if balancer.admin_endpoint is not None:
+            # POST reload reaches one worker: the supervisor tells them all.
+            supervisor_pid = os.getppid()
+            balancer.admin_endpoint.after_reload = lambda: os.kill(supervisor_pid, signal.SIGHUP)
         run(f"worker {os.getpid()}: ")
         return 0
 
@@ -376,6 +385,119 @@ def _run_lean(
         asyncio.run(main())
     else:
         uvloop.run(main())
+
+
+class _AdminClient:
+    """``balancekit ctl``'s side of the admin API: one request, JSON back,
+    a problem's detail and exit status 1 on any error."""
+
+    def __init__(self, url: str, token: str) -> None:
+        self.url = url if url.endswith("/") else url + "/"
+        self.token = token
+
+    def call(self, method: str, *path: str, body: dict[str, Any] | None = None) -> Any:
+        from urllib.parse import quote
+
+        import httpx
+
+        url = self.url + "/".join(quote(part, safe="") for part in path)
+        headers = {"authorization": f"Bearer {self.token}"} if self.token else {}
+        try:
+            response = httpx.request(method, url, json=body, headers=headers, timeout=10)
+        except httpx.HTTPError as exc:
+            raise click.ClickException(f"{url}: {exc}") from None
+        try:
+            answer = response.json()
+        except ValueError:
+            answer = None
+        if response.is_error:
+            detail = answer.get("detail") if isinstance(answer, dict) else None
+            click.echo(
+                f"balancekit ctl: {response.status_code}: {detail or response.text}", err=True
+            )
+            sys.exit(1)
+        return answer
+
+
+@cli.group()
+@click.option(
+    "--url",
+    envvar="BALANCEKIT_URL",
+    default="http://127.0.0.1:8000/balancekit/api/",
+    show_default=True,
+    help="The admin API's URL ([admin] path included). Env: BALANCEKIT_URL.",
+)
+@click.option(
+    "--token", envvar="BALANCEKIT_TOKEN", default="", help="[admin] token. Env: BALANCEKIT_TOKEN."
+)
+@click.pass_context
+def ctl(context: click.Context, url: str, token: str) -> None:
+    """Change a running balancer through its admin API ([admin] enabled)."""
+    context.obj = _AdminClient(url, token)
+
+
+def _backend_row(backend: dict[str, Any], pool: str) -> str:
+    return pools_table({pool: {"algorithm": "-", "backends": [backend]}})
+
+
+@ctl.command("status")
+@click.pass_obj
+def ctl_status(client: _AdminClient) -> None:
+    """Every pool's backends with their live state."""
+    click.echo(pools_table(client.call("GET", "pools")))
+
+
+@ctl.command("add")
+@click.argument("pool")
+@click.argument("backend")
+@click.option("--weight", type=int, default=1, show_default=True)
+@click.option("--backup", is_flag=True, help="Only when no primary backend can take a request.")
+@click.pass_obj
+def ctl_add(client: _AdminClient, pool: str, backend: str, weight: int, backup: bool) -> None:
+    """Add BACKEND (a URL) to POOL."""
+    body = {"url": backend, "weight": weight, "backup": backup}
+    click.echo(_backend_row(client.call("POST", "pools", pool, "backends", body=body), pool))
+
+
+def _backend_action(action: str, summary: str) -> None:
+    @ctl.command(action, help=summary)
+    @click.argument("pool")
+    @click.argument("backend")
+    @click.pass_obj
+    def command(client: _AdminClient, pool: str, backend: str) -> None:
+        if action == "remove":
+            client.call("DELETE", "pools", pool, "backends", backend)
+            click.echo(f"{backend} leaves {pool} once its requests in flight finish")
+            return
+        answer = client.call("POST", "pools", pool, "backends", backend, action)
+        click.echo(_backend_row(answer, pool))
+
+
+_backend_action("remove", "Remove BACKEND from POOL (requests in flight finish).")
+_backend_action("drain", "No new requests to BACKEND; those in flight finish.")
+_backend_action("disable", "No traffic at all to BACKEND.")
+_backend_action("enable", "Undo drain and disable.")
+
+
+@ctl.command("weight")
+@click.argument("pool")
+@click.argument("backend")
+@click.argument("weight", type=int)
+@click.pass_obj
+def ctl_weight(client: _AdminClient, pool: str, backend: str, weight: int) -> None:
+    """Set BACKEND's weight in POOL."""
+    answer = client.call(
+        "PUT", "pools", pool, "backends", backend, "weight", body={"weight": weight}
+    )
+    click.echo(_backend_row(answer, pool))
+
+
+@ctl.command("reload")
+@click.pass_obj
+def ctl_reload(client: _AdminClient) -> None:
+    """Read the balancer's configuration file again and apply it."""
+    client.call("POST", "reload")
+    click.echo("configuration reloaded")
 
 
 async def _check_round(balancer: Balancer) -> list[tuple[str, str, str, str]]:

@@ -6,8 +6,9 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import quote
 
+from ._admin import MAX_BODY
 from ._balancer import Balancer, ConfigInput, balancer_from
-from ._classify import Classification, Refuse, Routed, Status
+from ._classify import Admin, Classification, Refuse, Routed, Status
 from ._engine_sync import Environ, StartResponse, environ_headers, http_version, respond
 from ._routing import Route
 
@@ -79,7 +80,35 @@ class BalanceMiddleware:
                 environ.get("QUERY_STRING", ""),
             )
             return respond(start_response, *answer)
+        if type(verdict) is Admin:
+            admin = balancer.admin_endpoint
+            assert admin is not None  # no Admin verdict without one
+            answer = admin.respond(
+                environ.get("REQUEST_METHOD", "GET"),
+                verdict.raw_path,
+                environ.get("REMOTE_ADDR", ""),
+                environ_headers(environ),
+                read_body(environ, MAX_BODY + 1),
+            )
+            return respond(start_response, *answer)
         return self.app(environ, start_response)  # type: ignore[no-any-return]
+
+
+def read_body(environ: Environ, limit: int) -> bytes:
+    """Up to ``limit`` bytes of the request body (by its Content-Length, or
+    to its end where the server says the stream ends, as for chunked)."""
+    stream = environ.get("wsgi.input")
+    if stream is None:
+        return b""
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        length = 0
+    if length:
+        return bytes(stream.read(min(length, limit)))
+    if environ.get("wsgi.input_terminated"):
+        return bytes(stream.read(limit))
+    return b""
 
 
 def classify_environ(

@@ -19,7 +19,7 @@ from urllib.parse import quote
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
 
-from balancekit.adapter import Classification, Refuse, Routed, Status
+from balancekit.adapter import Admin, Classification, Refuse, Routed, Status
 from balancekit.load_report import DEFAULT_ALPHA, DEFAULT_PATH, LoadTracker
 from balancekit.wsgi import classify_environ, environ_headers
 
@@ -81,6 +81,8 @@ class BalanceMiddleware:
             return ProxiedResponse(body, *captured)
         if type(verdict) is Status:
             return self._status(request, verdict.path, _is_staff(request))
+        if type(verdict) is Admin:
+            return self._admin(request, verdict)
         return self._answer(verdict) or self.get_response(request)
 
     async def __acall__(self, request: HttpRequest) -> Any:
@@ -97,6 +99,8 @@ class BalanceMiddleware:
         if type(verdict) is Status:
             staff = await asyncio.to_thread(_is_staff, request)
             return self._status(request, verdict.path, staff)
+        if type(verdict) is Admin:
+            return await asyncio.to_thread(self._admin, request, verdict)
         return self._answer(verdict) or await self.get_response(request)
 
     @staticmethod
@@ -105,6 +109,22 @@ class BalanceMiddleware:
         if type(verdict) is Refuse:
             return _plain(verdict.status, verdict.headers, verdict.body)
         return None
+
+    def _admin(self, request: HttpRequest, verdict: Admin) -> HttpResponseBase:
+        """The admin HTTP API: its own Bearer token, never Django's session
+        (a logged-in browser must not be able to change backends by a link)."""
+        endpoint = self.runtime.balancer.admin_endpoint
+        assert endpoint is not None  # no Admin verdict without one
+        scope = getattr(request, "scope", None)
+        headers = scope["headers"] if scope is not None else environ_headers(request.META)
+        answer = endpoint.respond(
+            request.method or "GET",
+            verdict.raw_path,
+            request.META.get("REMOTE_ADDR", ""),
+            headers,
+            request.body,
+        )
+        return _plain(*answer)
 
     def _status(self, request: HttpRequest, path: str, staff: bool) -> HttpResponseBase:
         """The status path: with no token and no allow list of its own, for
