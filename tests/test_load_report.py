@@ -422,6 +422,9 @@ def django_client(django_gate) -> Iterator[Client]:
         yield Client(raise_request_exception=False)
 
 
+# Closing a response by hand sends request_finished, whose receiver checks the
+# database connection (the test client disconnects it for what it closes itself).
+@pytest.mark.django_db
 def test_django_test_client_counts_a_streamed_response_until_it_is_read(django_client) -> None:
     streams = [django_client.get("/stream") for _ in range(2)]
     report = django_client.get(DEFAULT_PATH)
