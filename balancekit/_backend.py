@@ -82,6 +82,7 @@ class Backend:
         "requests_total",
         "returned_at",
         "scheme",
+        "source",
         "state_since",
         "tls",
         "url",
@@ -114,6 +115,9 @@ class Backend:
         #: The pool's TLS for an ``https://`` backend (set by its pool);
         #: None: the system's CAs and the backend's own host name.
         self.tls: UpstreamTLS | None = None
+        #: Where it came from: "config" (the pool's ``backends``), "runtime"
+        #: (``add_backend``, here or in another process) or "discovery".
+        self.source = "config"
         self.enabled = True
         self.draining = False
         self.healthy = True
@@ -172,6 +176,7 @@ class Backend:
             "weight": self.weight,
             "effective_weight": round(self.effective_weight, 3),
             "backup": self.backup,
+            "source": self.source,
             "active_requests": self.active_requests,
             "requests_total": self.requests_total,
             "failures_total": self.failures_total,

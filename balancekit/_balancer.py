@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import threading
@@ -26,6 +27,7 @@ from ._plugins import PluginManager, build_plugin, make_plugin_manager
 from ._pool import Pool
 from ._routing import Route, RouteTable, route_from_config
 from ._upstream_tls import UpstreamTLS, upstream_tls
+from .discovery._runner import DEFAULT_INTERVAL, DiscoveryRunner, DiscoveryStatus
 from .metrics import Metrics, available as metrics_available
 from .stores import GuardedStore, MemoryStore, RedisStore
 
@@ -87,6 +89,8 @@ class Balancer:
         self.store = GuardedStore(store if store is not None else MemoryStore(), clock=clock)
         self.pools: dict[str, Pool] = {}
         self._health: dict[str, tuple[type[Any], dict[str, Any]]] = {}
+        #: Per pool with discovery: its class, options and interval.
+        self._discovery: dict[str, tuple[type[Any], dict[str, Any], float]] = {}
         for name, pool_config in self.config.pools.items():
             pool = self._build_pool(name, pool_config, problems)
             if pool is not None:
@@ -128,7 +132,7 @@ class Balancer:
             weakref.WeakKeyDictionary()
         )
         self._schedulers: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, list[HealthScheduler]
+            asyncio.AbstractEventLoop, list[HealthScheduler | DiscoveryRunner]
         ] = weakref.WeakKeyDictionary()
         self._last_engine: AsyncEngine | None = None
         self._lock = threading.Lock()
@@ -216,6 +220,7 @@ class Balancer:
                     secrets=self.config.secrets,
                     store=self.store,
                 )
+        self._build_discovery(name, config, problems)
         if algorithm is None:
             return None
         pool = Pool(
@@ -223,7 +228,32 @@ class Balancer:
         )
         pool.active_checks = name in self._health
         pool.persistence = persistence
+        if name in self._discovery and config.discovery is not None:
+            pool.discovery = DiscoveryStatus(config.discovery.type)
         return pool
+
+    def _build_discovery(self, name: str, config: PoolConfig, problems: list[Problem]) -> None:
+        # Built once here so that its options are a ConfigError at start-up;
+        # the running instance is made in the loop that runs it.
+        table = config.discovery
+        if table is None:
+            return
+        where = f"pools.{name}.discovery"
+        cls = self._plugin("discovery", table.type, f"{where}.type", problems)
+        if cls is None:
+            return
+        options = table.options
+        if table.interval is not None and "interval" in _parameters(cls):
+            options["interval"] = table.interval
+        instance = self._construct(cls, options, where, problems)
+        if instance is not None:
+            interval = table.interval
+            if interval is None:
+                default = getattr(instance, "interval", None)
+                interval = DEFAULT_INTERVAL
+                if isinstance(default, int | float) and not isinstance(default, bool):
+                    interval = float(default)
+            self._discovery[name] = (cls, options, interval)
 
     def _build_store(self, problems: list[Problem]) -> Any:
         scheme = self.config.store.partition("://")[0]
@@ -361,10 +391,10 @@ class Balancer:
             await self.coordinator.start()
         schedulers.extend(self._start_schedulers())
 
-    def _start_schedulers(self) -> list[HealthScheduler]:
+    def _start_schedulers(self) -> list[HealthScheduler | DiscoveryRunner]:
         from .health._scheduler import HealthScheduler
 
-        started = []
+        started: list[HealthScheduler | DiscoveryRunner] = []
         for name, (cls, options) in self._health.items():
             check = self.config.pools[name].health_check
             # A check of its own per start: its connections belong to the
@@ -380,6 +410,17 @@ class Balancer:
             )
             scheduler.start()
             started.append(scheduler)
+        for name, (cls, options, interval) in self._discovery.items():
+            pool = self.pools[name]
+            runner = DiscoveryRunner(
+                pool,
+                build_plugin(cls, options, f"pools.{name}.discovery"),
+                type_name=cls.name,
+                interval=interval,
+                coordinator=self.coordinator,
+            )
+            runner.start()
+            started.append(runner)
         return started
 
     async def _restart_checks(self) -> None:
@@ -408,6 +449,7 @@ class Balancer:
             if getattr(new, key) != getattr(self.config, key):
                 problems.append(Problem(key, "cannot change without a restart"))
         kept_health, self._health = self._health, {}
+        kept_discovery, self._discovery = self._discovery, {}
         pools: dict[str, Pool] = {}
         # A kept pool's context, rebuilt when its files changed on disk.
         rotated: dict[str, UpstreamTLS | None] = {}
@@ -417,6 +459,8 @@ class Balancer:
                 pools[name] = old
                 if name in kept_health:
                     self._health[name] = kept_health[name]
+                if name in kept_discovery:
+                    self._discovery[name] = kept_discovery[name]
                 tls = self._upstream_tls(name, pool_config, problems, old.tls)
                 if tls is not old.tls:
                     rotated[name] = tls
@@ -427,6 +471,7 @@ class Balancer:
                 pools[name] = pool
         if problems:
             self._health = kept_health
+            self._discovery = kept_discovery
             raise ConfigError(problems)
         before = {name: pool.tls for name, pool in self.pools.items()}
         for name, tls in rotated.items():
@@ -501,6 +546,13 @@ def _warn_unverified(pools: dict[str, Pool], before: dict[str, UpstreamTLS | Non
             )
 
 
+def _parameters(cls: type[Any]) -> Mapping[str, Any]:
+    try:
+        return inspect.signature(cls).parameters
+    except (TypeError, ValueError):  # no signature to read
+        return {}
+
+
 def _settings(config: PoolConfig) -> dict[str, Any]:
     """A pool's configuration but its backends: what a reload can't change in place."""
     return config.model_dump(exclude={"backends"})
@@ -508,10 +560,16 @@ def _settings(config: PoolConfig) -> dict[str, Any]:
 
 def _follow_backends(pool: Pool, config: PoolConfig) -> None:
     """Bring ``pool``'s backends to ``config``'s, keeping the live state of
-    those that stay (not announced: every process reloads the same config)."""
+    those that stay (not announced: every process reloads the same config).
+    Discovered backends are discovery's, unless the configuration now
+    lists them."""
     wanted = {b.url: b for b in config.backends}
     for backend in list(pool.backends):
         target = wanted.get(backend.url)
+        if backend.source == "discovery":
+            if target is None:
+                continue
+            backend.source = "config"
         if target is None or target.backup != backend.backup:
             pool.apply(Change(Op.REMOVE, backend.url))
         else:

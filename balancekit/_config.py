@@ -286,6 +286,14 @@ class PersistenceConfig(_PluginTable):
     type: str
 
 
+class DiscoveryConfig(_PluginTable):
+    """``type`` and ``interval``; the rest go to the discovery plugin."""
+
+    type: str
+    #: Seconds between resolutions; None: the plugin's own default.
+    interval: Duration | None = None
+
+
 def _file_name(value: str) -> str:
     if not value.strip():
         raise ValueError("must name a file, got ''")
@@ -348,6 +356,8 @@ class PoolConfig(Schema):
     outlier_detection: OutlierDetectionConfig | None = None
     persistence: Annotated[PersistenceConfig | None, BeforeValidator(_table_from_type)] = None
     tls: TLSConfig | None = None
+    #: Where more backends come from (balancekit.discovery), beside ``backends``.
+    discovery: Annotated[DiscoveryConfig | None, BeforeValidator(_table_from_type)] = None
 
     @field_validator("backends")
     @classmethod
@@ -851,6 +861,7 @@ def _beside(data: dict[str, Any], directory: Path) -> None:
     if not isinstance(pools, dict):
         return
     for pool in pools.values():
+        _discovery_file_beside(pool, directory)
         tls = pool.get("tls") if isinstance(pool, dict) else None
         if not isinstance(tls, dict):
             continue
@@ -858,6 +869,16 @@ def _beside(data: dict[str, Any], directory: Path) -> None:
             value = tls.get(key)
             if isinstance(value, str) and value.strip():
                 tls[key] = str(directory / value)
+
+
+def _discovery_file_beside(pool: Any, directory: Path) -> None:
+    # A file-discovery ``path`` is relative to the TOML file too.
+    discovery = pool.get("discovery") if isinstance(pool, dict) else None
+    if not isinstance(discovery, dict) or discovery.get("type") != "file":
+        return
+    path = discovery.get("path")
+    if isinstance(path, str) and path.strip():
+        discovery["path"] = str(directory / path)
 
 
 #: Constructor arguments the balancer fills in itself, never config keys.

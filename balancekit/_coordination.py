@@ -15,6 +15,9 @@ thread's). It keeps three things in step:
   others adopt the shared verdict. About one probe per backend per interval
   across all processes; when the holder dies its lease lapses and another
   takes over.
+- **Discovery**: each round, the process holding a pool's discovery lease
+  resolves and writes its answer to the store; the others read it and
+  apply it, so N processes make one DNS query (or file read) per interval.
 - **Outlier ejections**: consecutive failures are counted in the store
   across processes (a success anywhere ends the streak), so N processes do
   not need N times ``consecutive_failures``; the process that ejects tells
@@ -33,6 +36,7 @@ import json
 import logging
 import os
 import socket
+import time
 from typing import TYPE_CHECKING, Any
 
 from ._changes import ADMIN_OPS, COUNTING_OPS, Change, Op, toward_flags
@@ -282,6 +286,64 @@ class Coordinator:
             self._trouble("could not read a health verdict", exc)
             return None
         return None if value is None else value == "1"
+
+    # --- discovery ----------------------------------------------------------------
+
+    async def discovery_lease(self, pool: Pool, token: str, seconds: float) -> bool | None:
+        """Whether the runner holding ``token`` resolves ``pool`` this round
+        (it keeps a lease it holds); None when the store cannot say (then
+        every process resolves on its own)."""
+        key = f"balancekit:discovery-lease:{pool.name}"
+        px = max(1, int(seconds * LEASE_SHARE * 1000))
+        client = self.store.async_client()
+        try:
+            if await client.set(key, token, nx=True, px=px):
+                taken = True
+            else:
+                taken = await client.get(key) == token
+                if taken:
+                    await client.pexpire(key, px)
+        except Exception as exc:  # the store failed: see _trouble
+            self._trouble("could not take a discovery lease", exc)
+            return None
+        self._recovered()
+        return taken
+
+    async def share_discovery(
+        self, pool: Pool, answer: list[dict[str, Any]] | None, seconds: float
+    ) -> None:
+        """Write the lease holder's ``answer`` for the others to adopt (None:
+        the round failed, nothing to share) and hold the lease ``seconds``,
+        until its next round."""
+        client = self.store.async_client()
+        try:
+            if answer is not None:
+                data = json.dumps({"at": time.time(), "backends": answer})
+                await client.set(f"balancekit:discovery:{pool.name}", data)
+            await client.pexpire(
+                f"balancekit:discovery-lease:{pool.name}",
+                max(1, int(seconds * LEASE_SHARE * 1000)),
+            )
+        except Exception as exc:  # the store failed: see _trouble
+            self._trouble("could not share a discovery answer", exc)
+
+    async def shared_discovery(self, pool: Pool) -> tuple[float, list[Any]] | None:
+        """The last shared answer for ``pool`` and when it was found."""
+        try:
+            raw = await self.store.async_client().get(f"balancekit:discovery:{pool.name}")
+        except Exception as exc:  # the store failed: see _trouble
+            self._trouble("could not read a discovery answer", exc)
+            return None
+        if raw is None:
+            return None
+        try:
+            data = json.loads(raw)
+            return float(data["at"]), list(data["backends"])
+        except (ValueError, KeyError, TypeError):
+            logger.error(
+                "balancekit: malformed discovery answer for pool %s in the store", pool.name
+            )
+            return None
 
     # --- life --------------------------------------------------------------------
 

@@ -6,6 +6,7 @@
       ConfigError              bad configuration; raised at start-up; .problems
       PluginError              a plugin broke the rules (duplicate name, bad class)
       StoreError               a store's backend failed; wraps the driver's exception
+      DiscoveryError           a discovery round could not tell (the last good set stays)
       ProxyError               request-time; carries .pool, never a backend address
         NoEligibleBackend      -> 503 with Retry-After; nothing was sent
         UpstreamError          -> 502
@@ -60,6 +61,12 @@ class StoreError(BalancekitError):
     built-in stores raise, the driver's exception as its cause. Requests
     never see it: the balancer's ``GuardedStore`` turns an outage into
     unpinned balancing."""
+
+
+class DiscoveryError(BalancekitError):
+    """A discovery round could not tell which backends there are (a DNS
+    timeout or SERVFAIL, a missing or malformed file): the pool keeps its
+    last good set. The message names the DNS name or the file."""
 
 
 class ProxyError(BalancekitError):

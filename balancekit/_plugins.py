@@ -23,6 +23,7 @@ DEFAULT_PLUGINS = (
     "balancekit.health",
     "balancekit.persistence",
     "balancekit.stores",
+    "balancekit.discovery",
 )
 
 #: The hook that lists each kind of plugin class, by the kind's name.
@@ -31,6 +32,7 @@ KIND_HOOKS = {
     "health check": "balancekit_register_health_checks",
     "persistence": "balancekit_register_persistence",
     "store": "balancekit_register_stores",
+    "discovery": "balancekit_register_discovery",
 }
 
 
@@ -126,7 +128,8 @@ def build_plugin(cls: type[Any], options: Mapping[str, Any], path: str, **seams:
     ``secrets`` and ``store``); a plugin that does not ask gets none. An
     unknown or missing option, or a ``TypeError``/``ValueError`` from the
     constructor, is a :class:`ConfigError`; a constructor message of the
-    form ``"option: what is wrong"`` names the option in the key path.
+    form ``"option: what is wrong"`` names the option in the key path (one
+    of its parameters: a key left out that the others make necessary).
     """
     problems = plugin_options(path, cls, options)
     if problems:
@@ -137,6 +140,6 @@ def build_plugin(cls: type[Any], options: Mapping[str, Any], path: str, **seams:
         return cls(**options, **lent)
     except (TypeError, ValueError) as exc:
         key, sep, rest = str(exc).partition(": ")
-        if sep and key in options:
+        if sep and (key in options or key in parameters):
             raise ConfigError([Problem(f"{path}.{key}", rest)]) from None
         raise ConfigError([Problem(path, str(exc))]) from None

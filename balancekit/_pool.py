@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from ._request import RequestInfo
     from ._types import SupportsPick
     from ._upstream_tls import UpstreamTLS
+    from .discovery._runner import DiscoveryStatus
     from .metrics import PoolMetrics
     from .persistence import Persistence
 
@@ -106,6 +107,8 @@ class Pool:
         self.persistence: Persistence | None = None
         #: Prometheus metrics of this pool, when they are on (set by the Balancer).
         self.metrics: PoolMetrics | None = None
+        #: What its discovery last found, when it has one (set by the Balancer).
+        self.discovery: DiscoveryStatus | None = None
         #: Told of every runtime change made through this pool's methods,
         #: and of ejections, so that other processes can follow (set by the
         #: Balancer when its store is shared).
@@ -447,6 +450,20 @@ class Pool:
         self._announce(Change(Op.ADD, url, weight=weight, backup=backup))
         return backend
 
+    def add_discovered(self, url: str, weight: int = 1, *, backup: bool = False) -> Backend:
+        """Add a backend its discovery found, as :meth:`add_backend` does but
+        not announced: every process resolves, or adopts the shared answer,
+        on its own (see balancekit.discovery)."""
+        validate_backend(url, weight, backup=backup)
+        return self._add_backend(url, weight, backup, source="discovery")
+
+    def set_backup(self, url: str, backup: bool) -> None:
+        """Make a backend a backup or a primary in place, its live state kept
+        (discovery: an SRV record's priority moved). Not announced."""
+        with self._lock:
+            self.backend(url).backup = backup
+            self._rebuild()
+
     def remove_backend(self, url: str) -> None:
         """Remove a backend. Requests in flight on it finish normally."""
         self._remove_backend(url)
@@ -505,11 +522,14 @@ class Pool:
         if self.on_change is not None:
             self.on_change(self, change)
 
-    def _add_backend(self, url: str, weight: int, backup: bool) -> Backend:
+    def _add_backend(
+        self, url: str, weight: int, backup: bool, *, source: str = "runtime"
+    ) -> Backend:
         with self._lock:
             if url in self._by_url:
                 raise ValueError(f"pool {self.name!r} already has backend {url!r}")
             backend = Backend(url, weight, backup=backup)
+            backend.source = source
             backend.healthy = not self.active_checks
             self._add(backend)
             self._rebuild()
@@ -571,7 +591,7 @@ class Pool:
 
     def status(self) -> dict[str, Any]:
         with self._lock:
-            return {
+            status = {
                 "algorithm": self.algorithm.name,
                 "panic": self.panic,
                 "active_requests": self.active_requests,
@@ -579,6 +599,9 @@ class Pool:
                 "queued": len(self._waiters),
                 "backends": [b.as_status() for b in self.backends],
             }
+        if self.discovery is not None:
+            status["discovery"] = self.discovery.as_status()
+        return status
 
     # --- internals --------------------------------------------------------------
 

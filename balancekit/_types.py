@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 if TYPE_CHECKING:
@@ -37,3 +37,15 @@ class SupportsHealthCheck(Protocol):
     name: ClassVar[str]
 
     async def check(self, backend: Backend) -> bool: ...
+
+
+class SupportsResolve(Protocol):
+    """A discovery plugin: ``resolve`` answers the backends there are now.
+
+    It returns URL strings or ``{"url", "weight", "backup"}`` tables and
+    raises when it cannot tell (the pool then keeps its last good set).
+    """
+
+    name: str
+
+    async def resolve(self) -> Sequence[str | Mapping[str, Any]]: ...

@@ -14,6 +14,8 @@ labels (``pool`` alone where no backend is involved):
   ``balancekit_health_check_duration_seconds``;
 - ``balancekit_no_backend_total`` (``pool``): 503s answered for want of an
   eligible backend, a full queue or a ``queue_timeout`` included;
+- ``balancekit_discovery_errors_total`` (``pool``): discovery rounds that
+  failed (the pool kept its last good set);
 - ``balancekit_pool_eligible_backends``, ``balancekit_pool_panic`` (0/1)
   and ``balancekit_queue_length`` (``pool``): read from the pools when the
   ``metrics`` path is read, never kept up per request.
@@ -148,6 +150,12 @@ class Metrics:
             ("pool",),
             registry=r,
         )
+        self.discovery_errors = Counter(
+            "balancekit_discovery_errors",
+            "Discovery rounds that failed; the pool kept its last good set.",
+            ("pool",),
+            registry=r,
+        )
         self.ejections = Counter("balancekit_ejections", "Outlier ejections.", labels, registry=r)
         self.state_changes = Counter(
             "balancekit_state_changes", "Backend state changes.", (*labels, "state"), registry=r
@@ -240,6 +248,7 @@ class PoolMetrics:
         self.pool = pool
         self.retries = metrics.retries.labels(pool)
         self.no_backends = metrics.no_backend.labels(pool)
+        self.discovery_errors = metrics.discovery_errors.labels(pool)
         self.counts: dict[str, _BackendCounts] = {}  # by URL: a reload makes new Backends
         self._lock = threading.Lock()  # the WSGI engine releases from many threads
         self._children: dict[Backend, tuple[Any, Any, dict[int, Any]]] = {}
@@ -301,6 +310,10 @@ class PoolMetrics:
         """A 503 answered for want of an eligible backend (none eligible,
         a full queue, or ``queue_timeout`` spent waiting)."""
         self.no_backends.inc()
+
+    def discovery_failed(self) -> None:
+        """A discovery round failed (the last good set was kept)."""
+        self.discovery_errors.inc()
 
     def ejected(self, backend: Backend) -> None:
         self.metrics.ejections.labels(self.pool, backend.url).inc()

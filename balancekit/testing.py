@@ -10,11 +10,14 @@
         check_algorithm(Canary, header="X-Beta")
 
 ``check_algorithm`` raises :class:`AlgorithmCheckFailed`, listing in plain
-words every rule the class broke.
+words every rule the class broke; ``check_discovery(cls, **options)`` does
+the same for a discovery class (:class:`DiscoveryCheckFailed`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import inspect
 import threading
 from collections.abc import Sequence
@@ -22,8 +25,16 @@ from typing import Any
 
 from ._backend import Backend
 from ._request import RequestInfo
+from .discovery._runner import parse_answer
 
-__all__ = ["AlgorithmCheckFailed", "check_algorithm", "make_backends", "make_request"]
+__all__ = [
+    "AlgorithmCheckFailed",
+    "DiscoveryCheckFailed",
+    "check_algorithm",
+    "check_discovery",
+    "make_backends",
+    "make_request",
+]
 
 
 class AlgorithmCheckFailed(AssertionError):
@@ -162,3 +173,93 @@ def _check_threads(
         thread.join()
     if bad:
         problems.append(f"pick() from several threads went wrong: {bad[0]}")
+
+
+class DiscoveryCheckFailed(AssertionError):
+    """A discovery class broke the plugin contract; ``problems`` says how."""
+
+    def __init__(self, name: str, problems: list[str]) -> None:
+        self.problems = problems
+        lines = "\n".join(f"- {p}" for p in problems)
+        super().__init__(f"discovery {name} breaks the balancekit contract:\n{lines}")
+
+
+def check_discovery(cls: type[Any], **options: Any) -> None:
+    """Check ``cls`` against the discovery contract (CONTRACT section 12).
+
+    - a non-empty ``name`` string;
+    - ``options`` are keyword arguments its constructor accepts;
+    - ``resolve`` is an ``async def``, and two calls each return a list of
+      URL strings or ``{url, weight, backup}`` tables that are valid
+      backends (in an event loop of its own, in another thread, so that the
+      check may be called from a test that runs in a loop);
+    - ``interval``, if it has one, is a positive number, and ``ttl`` after a
+      call is None or a number;
+    - ``aclose``, if it has one, is an ``async def``.
+
+    ``options`` must point it at something that answers (a file, a DNS
+    server of the test's own): a ``resolve`` that raises is reported.
+    """
+    problems: list[str] = []
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        problems.append("it needs a class attribute 'name', a non-empty string")
+    label = repr(name) if isinstance(name, str) and name else cls.__name__
+    problems += _unknown_options(cls, options)
+    try:
+        instance = cls(**options)
+    except Exception as exc:  # report any construction failure in words
+        problems.append(f"it cannot be built with {options!r}: {type(exc).__name__}: {exc}")
+        raise DiscoveryCheckFailed(label, problems) from exc
+    if not inspect.iscoroutinefunction(getattr(instance, "resolve", None)):
+        problems.append("it needs a method 'async def resolve(self)'")
+        raise DiscoveryCheckFailed(label, problems)
+    interval = getattr(instance, "interval", None)
+    if interval is not None and not (_is_number(interval) and interval > 0):
+        problems.append(f"its 'interval' must be a positive number of seconds, got {interval!r}")
+    aclose = getattr(instance, "aclose", None)
+    if aclose is not None and not inspect.iscoroutinefunction(aclose):
+        problems.append("its 'aclose' must be an 'async def'")
+        aclose = None
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        problems += pool.submit(asyncio.run, _check_resolve(instance, aclose)).result()
+    if problems:
+        raise DiscoveryCheckFailed(label, problems)
+
+
+async def _check_resolve(instance: Any, aclose: Any) -> list[str]:
+    problems: list[str] = []
+    try:
+        for call in ("first", "second"):
+            try:
+                answer = await instance.resolve()
+            except Exception as exc:  # a plugin's failure: report it in words
+                problems.append(f"resolve() raised {type(exc).__name__}: {exc} ({call} call)")
+                break
+            try:
+                _, bad = parse_answer(answer)
+            except TypeError as exc:
+                problems.append(f"{exc} ({call} call)")
+                break
+            problems += [f"resolve() returned a bad entry {line}" for line in bad]
+            ttl = getattr(instance, "ttl", None)
+            if ttl is not None and not (_is_number(ttl) and ttl >= 0):
+                problems.append(f"its 'ttl' must be None or seconds, got {ttl!r}")
+    finally:
+        if aclose is not None:
+            await aclose()
+    return sorted(set(problems))
+
+
+def _unknown_options(cls: type[Any], options: dict[str, Any]) -> list[str]:
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):  # no signature to read: construction will tell
+        return []
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return []
+    return [f"its constructor takes no option {k!r}" for k in options if k not in params]
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)

@@ -73,6 +73,7 @@ def test_builtins_are_registered_through_the_hooks() -> None:
     assert set(manager.classes("health check")) == {"http", "tcp", "none"}
     assert set(manager.classes("store")) == {"memory", "redis", "rediss"}
     assert set(manager.classes("persistence")) == {"cookie", "session"}
+    assert set(manager.classes("discovery")) == {"file"}
     assert {dist for _, dist in manager.classes("algorithm").values()} == {"balancekit"}
 
 
@@ -159,7 +160,7 @@ def test_every_hook_is_documented() -> None:
 
     docs = (Path(__file__).parent.parent / "docs" / "plugins.md").read_text()
     hooks = [name for name in vars(hookspecs) if name.startswith("balancekit_")]
-    assert len(hooks) == 5
+    assert len(hooks) == 6
     for hook in hooks:
         assert f"`{hook}" in docs, f"{hook} is missing from docs/plugins.md"
 
