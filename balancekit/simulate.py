@@ -351,6 +351,10 @@ def simulate(
         return now
 
     rng = random.Random(seed)
+    # The split has its own stream, so that the arrivals and service times
+    # are the same whatever the number of balancers: a comparison of 1 and
+    # N balancers differs by the balancing only (common random numbers).
+    split = random.Random(f"{seed}/balancers").random
     options = scenario.algorithm_options.get(algorithm.name, {})
     # Balancer 0 seeds its algorithm as a lone balancer always did.
     pools = [
@@ -394,7 +398,7 @@ def simulate(
             else:
                 queues.stop(now)
             request = make_request()
-            pool = pools[int(rng.random() * count)] if count > 1 else pools[0]
+            pool = pools[int(split() * count)] if count > 1 else pools[0]
             try:
                 chosen = pool.acquire(request)
             except NoEligibleBackend:
