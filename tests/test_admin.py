@@ -313,3 +313,61 @@ def wait_for_reloads(running: Running, count: int) -> None:
     while sum("supervisor" not in line and "reloaded" in line for line in running.lines) < count:
         assert time.monotonic() < deadline, running.lines
         time.sleep(0.05)
+
+
+def test_the_dashboard_drains_and_enables_through_the_api(serve, upstreams, browser) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server, balancer = balanced(
+        serve,
+        [upstreams[0].url, upstreams[1].url],
+        status={"enabled": True},
+        admin={"enabled": True, "token": TOKEN},
+    )
+    backend = balancer.pools["api"].backends[0]
+    wait = WebDriverWait(browser, 10, poll_frequency=0.1)
+
+    def states() -> list[str]:
+        return list(
+            browser.execute_script(
+                "return Array.from(document.querySelectorAll("
+                "'#rows td[data-label=\"state\"]'), c => c.textContent.trim())"
+            )
+        )
+
+    def click(row: int, action: str) -> None:
+        browser.execute_script(
+            "document.querySelectorAll('#rows tr')[arguments[0]]"
+            ".querySelector('button[data-action=\"' + arguments[1] + '\"]').click()",
+            row,
+            action,
+        )
+
+    # Without the token in the fragment: the table, and no buttons.
+    browser.get(f"{server.url}/balancekit/")
+    wait.until(lambda d: "updated" in d.find_element(By.ID, "meta").text)
+    assert browser.find_elements(By.CSS_SELECTOR, "#rows button") == []
+
+    browser.get("about:blank")  # else a new fragment alone would not load the page again
+    browser.get(f"{server.url}/balancekit/#admin={TOKEN}")
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#rows button")) == 6)
+    headings = [th.text for th in browser.find_elements(By.CSS_SELECTOR, "thead th")]
+    assert headings[-1] == "actions"
+    click(0, "drain")
+    wait.until(lambda d: states()[0] == "draining")
+    assert backend.draining
+    click(0, "disable")
+    wait.until(lambda d: states()[0] == "disabled")
+    assert not backend.enabled
+    click(0, "enable")
+    wait.until(lambda d: states()[0] == "healthy")
+    assert backend.enabled and not backend.draining
+
+    # A wrong token: the API's refusal on the page, nothing changed.
+    browser.get("about:blank")
+    browser.get(f"{server.url}/balancekit/#admin=wrong")
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#rows button")) == 6)
+    click(1, "drain")
+    wait.until(lambda d: "drain: needs Authorization" in d.find_element(By.ID, "meta").text)
+    assert not balancer.pools["api"].backends[1].draining

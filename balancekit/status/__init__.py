@@ -130,8 +130,16 @@ def render_page(balancer: Balancer) -> bytes:
             )
             rows.append(f'<tr class="{b["state"]}">{cells}</tr>')
     head = "".join(f"<th>{html.escape(label)}</th>" for label, _ in COLUMNS)
+    # With the admin API on, the script offers drain/disable/enable to a
+    # page opened with the admin token in its fragment (#admin=TOKEN): a
+    # fragment is never sent to the server nor written to its logs.
+    admin = balancer.admin_endpoint
+    body = f' data-admin="{html.escape(admin.path)}"' if admin is not None else ""
     return (
-        _PAGE.replace("{head}", head).replace("{rows}", "".join(rows)).replace("{script}", _SCRIPT)
+        _PAGE.replace("{body}", body)
+        .replace("{head}", head)
+        .replace("{rows}", "".join(rows))
+        .replace("{script}", _SCRIPT)
     ).encode()
 
 
@@ -154,6 +162,7 @@ tr.unhealthy td[data-label="state"],tr.ejected td[data-label="state"]{color:var(
 tr.draining td[data-label="state"],tr.disabled td[data-label="state"]{color:var(--warn)}
 td[data-label="state"]::before{content:"\25CF\00a0"}
 svg{display:block}
+td[data-label="actions"] button{font:inherit;margin-right:.3rem;padding:.1rem .5rem;cursor:pointer}
 @media (max-width:700px){
  thead{display:none}
  table,tbody,tr,td{display:block;width:auto}
@@ -162,7 +171,7 @@ svg{display:block}
  td::before{content:attr(data-label) ": ";color:#666;font-weight:400}
  td[data-label="state"]::before{content:"state: \25CF\00a0";color:inherit}
 }
-</style></head><body>
+</style></head><body{body}>
 <h1>balancekit</h1>
 <div id="meta">live from <a href="status.json">status.json</a>, every 2 s</div>
 <table><thead><tr>{head}</tr></thead><tbody id="rows">{rows}</tbody></table>
@@ -191,6 +200,36 @@ _SCRIPT = r"""
     if (html) td.innerHTML = html; else td.textContent = text;
     return td;
   }
+  var adminPath = document.body.getAttribute("data-admin");
+  var adminToken = (location.hash.match(/[#&]admin=([^&]+)/) || [])[1];
+  var actions = adminPath && adminToken ? ["drain", "disable", "enable"] : [];
+  if (actions.length) {
+    var th = document.createElement("th");
+    th.textContent = "actions";
+    document.querySelector("thead tr").appendChild(th);
+  }
+  function act(pool, url, action) {
+    fetch(adminPath + "pools/" + encodeURIComponent(pool) + "/backends/" +
+          encodeURIComponent(url) + "/" + action,
+          {method: "POST", headers: {"Authorization": "Bearer " + decodeURIComponent(adminToken)}})
+      .then(function (r) {
+        return r.ok ? r.json() : r.json().then(function (p) { return Promise.reject(p.detail); });
+      })
+      .then(function () { tick(true); })
+      .catch(function (e) { document.getElementById("meta").textContent = action + ": " + e; });
+  }
+  function buttons(pool, b) {
+    var td = cell("actions", "");
+    actions.forEach(function (action) {
+      var button = document.createElement("button");
+      button.type = "button";
+      button.textContent = action.charAt(0).toUpperCase() + action.slice(1);
+      button.setAttribute("data-action", action);
+      button.onclick = function () { act(pool, b.url, action); };
+      td.appendChild(button);
+    });
+    return td;
+  }
   function render(status, now) {
     var body = document.createElement("tbody");
     body.id = "rows";
@@ -213,6 +252,7 @@ _SCRIPT = r"""
           tr.appendChild(cell(labels[i], text));
         });
         tr.appendChild(cell(labels[11], "", spark(points)));
+        if (actions.length) tr.appendChild(buttons(name, b));
         body.appendChild(tr);
       });
     });
@@ -221,12 +261,12 @@ _SCRIPT = r"""
     document.getElementById("meta").innerHTML = 'live from <a href="status.json' +
       location.search + '">status.json</a>, updated ' + new Date(now).toLocaleTimeString();
   }
-  function tick() {
+  function tick(once) {
     fetch("status.json" + location.search, {cache: "no-store"})
       .then(function (r) { return r.ok ? r.json() : Promise.reject(r.status); })
       .then(function (status) { render(status, Date.now()); })
       .catch(function (e) { document.getElementById("meta").textContent = "status.json: " + e; })
-      .finally(function () { setTimeout(tick, 2000); });
+      .finally(function () { if (!once) setTimeout(tick, 2000); });
   }
   tick();
 })();
