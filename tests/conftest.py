@@ -46,17 +46,18 @@ class ServerThread:
     """uvicorn serving ``app`` on 127.0.0.1 in a background thread.
 
     ``port`` 0 (the default) lets the OS pick one; a given port serves a
-    stopped server's address again (a backend that comes back).
+    stopped server's address again (a backend that comes back). ``host``:
+    another loopback address (DNS tests give several backends one port).
     """
 
-    def __init__(self, app: Any, *, port: int = 0, **options: Any) -> None:
+    def __init__(self, app: Any, *, port: int = 0, host: str = "127.0.0.1", **options: Any) -> None:
         # IPPROTO_TCP so that asyncio sets TCP_NODELAY on accepted sockets
         # (see balancekit.cli._bind): else every answer waits ~40 ms.
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", port))
+        self.sock.bind((host, port))
         self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{host}:{self.port}"
         self.app = app
         # proxy_headers off: the balancer itself decides whom to believe.
         options = {"log_level": "warning", "lifespan": "auto", "proxy_headers": False, **options}

@@ -10,11 +10,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -25,10 +29,10 @@ import pytest
 from balancekit import Balancer, ConfigError, hookimpl
 from balancekit._plugins import make_plugin_manager
 from balancekit.asgi import BalanceMiddleware
-from balancekit.discovery import FileDiscovery
+from balancekit.discovery import DNSDiscovery, FileDiscovery
 from balancekit.discovery._runner import DiscoveryRunner, parse_answer
 from balancekit.testing import DiscoveryCheckFailed, check_discovery
-from tests.conftest import ServerThread
+from tests.conftest import ServerThread, free_port, need
 from tests.helpers import app_fallback
 from tests.upstreams import make_echo_app
 
@@ -424,3 +428,303 @@ async def test_a_plugin_that_raises_keeps_the_last_good_set_and_backs_off() -> N
     assert pool.discovery is not None and pool.discovery.failing
     plugin.fail = False
     assert await runner.round() == 8 and not pool.discovery.failing
+
+
+# --- DNS: a real dnsmasq whose records the tests change ------------------------------------
+
+
+class DNSServer:
+    """dnsmasq on 127.0.0.1 and a free port, answering for ``bk.test``.
+
+    A and AAAA records come from a hosts file, re-read on SIGHUP; SRV
+    records from a conf file, which SIGHUP does not re-read, so setting
+    them restarts dnsmasq on the same port. TTLs are 1 s. Every query is
+    logged, for counting.
+    """
+
+    def __init__(self, binary: str, directory: Path) -> None:
+        self.binary = binary
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.hosts = directory / "hosts"
+        self.conf = directory / "dnsmasq.conf"
+        self.log = directory / "queries.log"
+        self.hosts.write_text("")
+        self.conf.write_text("")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                self.binary,
+                "--no-daemon",
+                f"--port={self.port}",
+                "--listen-address=127.0.0.1",
+                "--bind-interfaces",
+                "--no-resolv",
+                "--no-hosts",
+                f"--addn-hosts={self.hosts}",
+                f"--conf-file={self.conf}",
+                "--local=/bk.test/",  # NXDOMAIN for unknown names, never forwarded
+                "--local-ttl=1",
+                "--pid-file=",
+                f"--user={os.environ.get('USER') or 'root'}",
+                "--log-queries",
+                f"--log-facility={self.log}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(self._answers, what="dnsmasq to answer")
+
+    def _answers(self) -> bool:
+        assert self.process is not None and self.process.poll() is None, "dnsmasq exited"
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        probe.settimeout(0.2)
+        try:  # a bare query for "probe.bk.test" A
+            probe.sendto(
+                b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
+                b"\x05probe\x02bk\x04test\x00\x00\x01\x00\x01",
+                ("127.0.0.1", self.port),
+            )
+            return bool(probe.recv(512))
+        except OSError:
+            return False
+        finally:
+            probe.close()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def set_hosts(self, records: dict[str, list[str]]) -> None:
+        self.hosts.write_text(
+            "".join(f"{address} {name}\n" for name, addrs in records.items() for address in addrs)
+        )
+        assert self.process is not None
+        self.process.send_signal(signal.SIGHUP)
+
+    def set_srv(self, records: list[tuple[str, str, int, int, int]]) -> None:
+        """(name, target, port, priority, weight) records; restarts dnsmasq."""
+        self.conf.write_text(
+            "".join(
+                f"srv-host={name},{target},{port},{priority},{weight}\n"
+                for name, target, port, priority, weight in records
+            )
+        )
+        self.stop()
+        self.start()
+
+    def queries(self, name: str, rdtype: str = "A") -> int:
+        text = self.log.read_text() if self.log.exists() else ""
+        return text.count(f"query[{rdtype}] {name} from")
+
+
+@pytest.fixture(scope="session")
+def dns_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DNSServer]:
+    binary = shutil.which("dnsmasq") or (
+        "/usr/sbin/dnsmasq" if os.path.exists("/usr/sbin/dnsmasq") else None
+    )
+    need(binary is not None, "dnsmasq is not installed (apt-get install dnsmasq-base)")
+    assert binary is not None
+    server = DNSServer(binary, tmp_path_factory.mktemp("dns"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def dns(dns_server: DNSServer) -> Iterator[DNSServer]:
+    """The session's dnsmasq, running and with no records."""
+    if dns_server.process is None:
+        dns_server.start()
+    dns_server.set_hosts({})
+    yield dns_server
+    if dns_server.conf.read_text():
+        dns_server.set_srv([])
+
+
+@pytest.fixture
+def same_port(serve: Callable[..., ServerThread]) -> dict[str, ServerThread]:
+    """Echo upstreams a, b and c on one port of 127.0.0.2, .3 and .4 (an A
+    record gives addresses, the port comes from the config)."""
+    port = free_port()
+    return {
+        name: serve(make_echo_app(name), host=f"127.0.0.{i + 2}", port=port)
+        for i, name in enumerate("abc")
+    }
+
+
+def _host(server: ServerThread) -> str:
+    return server.url.split("//")[1].split(":")[0]
+
+
+def test_dns_backends_appear_and_disappear_as_the_records_change(serve, dns, same_port) -> None:
+    a, b, c = same_port["a"], same_port["b"], same_port["c"]
+    dns.set_hosts({"api.bk.test": [_host(a), _host(b)]})
+    discovery = {
+        "type": "dns",
+        "name": "api.bk.test",
+        "port": a.port,
+        "resolver": dns.address,
+        "interval": 1,
+    }
+    server, balancer = front(serve, [], discovery)
+    wait_for(lambda: set(urls(balancer)) == {a.url, b.url}, what="a and b")
+    assert set(hits(server, 6)) == {"a", "b"}
+
+    # Time from a change of the records to traffic on the new backend.
+    delays = []
+    for _ in range(3):
+        dns.set_hosts({"api.bk.test": [_host(a), _host(b), _host(c)]})
+        changed = time.monotonic()
+        wait_for(lambda: c.url in urls(balancer), what="c")
+        delays.append(time.monotonic() - changed)
+        assert set(hits(server, 6)) == {"a", "b", "c"}
+        dns.set_hosts({"api.bk.test": [_host(a), _host(b)]})
+        wait_for(lambda: c.url not in urls(balancer), what="c gone")
+    assert max(delays) < 3.0, delays
+    status = balancer.status()["pools"]["api"]
+    assert status["discovery"]["type"] == "dns" and not status["discovery"]["failing"]
+    assert {b["source"] for b in status["backends"]} == {"discovery"}
+
+
+def test_dns_a_name_that_stops_existing_leaves_the_static_backends(serve, dns, named) -> None:
+    static = named["d"]
+    b = named["b"]
+    dns.set_hosts({"gone.bk.test": ["127.0.0.1"]})
+    discovery = {
+        "type": "dns",
+        "name": "gone.bk.test",
+        "port": b.port,
+        "resolver": dns.address,
+        "interval": 1,
+    }
+    server, balancer = front(serve, [static.url], discovery)
+    wait_for(lambda: b.url in urls(balancer), what="b")
+    dns.set_hosts({})  # NXDOMAIN: an answer with nothing in it
+    wait_for(lambda: urls(balancer) == {static.url: "config"}, what="static only")
+    assert set(hits(server, 4)) == {"d"}
+    assert not balancer.status()["pools"]["api"]["discovery"]["failing"]
+
+
+def test_dns_srv_gives_ports_weights_and_backups(serve, dns, named) -> None:
+    a, b, c = named["a"], named["b"], named["c"]
+    dns.set_hosts({"one.bk.test": ["127.0.0.1"]})
+    dns.set_srv(
+        [
+            ("_http._tcp.api.bk.test", "one.bk.test", a.port, 10, 3),
+            ("_http._tcp.api.bk.test", "one.bk.test", b.port, 10, 1),
+            ("_http._tcp.api.bk.test", "one.bk.test", c.port, 20, 5),
+            ("_http._tcp.api.bk.test", "missing.bk.test", 9, 10, 1),
+        ]
+    )
+    discovery = {
+        "type": "dns",
+        "name": "_http._tcp.api.bk.test",
+        "record": "srv",
+        "resolver": dns.address,
+        "interval": 1,
+    }
+    server, balancer = front(serve, [], discovery, algorithm="weighted_round_robin")
+    wait_for(lambda: len(urls(balancer)) == 3, what="three SRV backends")
+    pool = balancer.pools["api"]
+    assert (pool.backend(a.url).weight, pool.backend(a.url).backup) == (3, False)
+    assert (pool.backend(b.url).weight, pool.backend(b.url).backup) == (1, False)
+    assert (pool.backend(c.url).weight, pool.backend(c.url).backup) == (5, True)
+    seen = hits(server, 16)
+    assert set(seen) == {"a", "b"} and seen["a"] == 12, seen  # 3:1, c only a backup
+
+    # Priorities move: c becomes the one primary, in place.
+    kept = pool.backend(c.url)
+    dns.set_srv([("_http._tcp.api.bk.test", "one.bk.test", c.port, 1, 5)])
+    wait_for(lambda: set(urls(balancer)) == {c.url}, what="c alone")
+    assert pool.backend(c.url) is kept and not kept.backup
+    assert set(hits(server, 3)) == {"c"}
+
+
+def test_dns_resolver_down_keeps_the_last_good_set_under_load(serve, dns, same_port) -> None:
+    a, b = same_port["a"], same_port["b"]
+    dns.set_hosts({"api.bk.test": [_host(a), _host(b)]})
+    discovery = {
+        "type": "dns",
+        "name": "api.bk.test",
+        "port": a.port,
+        "resolver": dns.address,
+        "interval": 1,
+        "timeout": 0.5,
+    }
+    server, balancer = front(serve, [], discovery)
+    wait_for(lambda: set(urls(balancer)) == {a.url, b.url}, what="a and b")
+    failed = []
+    done = threading.Event()
+    served = Counter[str]()
+
+    def load() -> None:
+        with httpx.Client(base_url=server.url, timeout=10) as client:
+            while not done.is_set():
+                response = client.get("/api/x")
+                if response.status_code == 200:
+                    served[response.headers["x-upstream"]] += 1
+                else:
+                    failed.append(response.status_code)
+                time.sleep(0.01)
+
+    with ThreadPoolExecutor(4) as pool:
+        workers = [pool.submit(load) for _ in range(4)]
+        time.sleep(0.5)
+        dns.stop()
+        wait_for(lambda: balancer.status()["pools"]["api"]["discovery"]["failing"], what="failing")
+        time.sleep(3)  # several failed rounds
+        assert set(urls(balancer)) == {a.url, b.url}
+        dns.start()
+        wait_for(
+            lambda: not balancer.status()["pools"]["api"]["discovery"]["failing"],
+            what="recovered",
+        )
+        done.set()
+        for worker in workers:
+            worker.result()
+    assert failed == [] and sum(served.values()) > 100 and set(served) == {"a", "b"}
+    status = balancer.status()["pools"]["api"]["discovery"]
+    assert "api.bk.test" in status["last_error"]
+
+
+async def test_dns_builtin_passes_the_kit(dns) -> None:
+    dns.set_hosts({"kit.bk.test": ["127.0.0.5", "::1"]})
+    check_discovery(DNSDiscovery, name="kit.bk.test", port=80, resolver=dns.address)
+    plugin = DNSDiscovery(name="kit.bk.test", port=8080, resolver=dns.address)
+    assert sorted(await plugin.resolve()) == ["http://127.0.0.5:8080", "http://[::1]:8080"]
+    assert plugin.ttl == 1.0
+
+
+@pytest.mark.parametrize(
+    ("discovery", "path", "message"),
+    [
+        pytest.param({"name": "api.internal"}, "port", "is required", id="a-without-port"),
+        pytest.param({"name": "x", "port": 80, "record": "mx"}, "record", "'srv'", id="record"),
+        pytest.param(
+            {"name": "x", "port": 80, "resolver": "localhost"}, "resolver", "host:port", id="r1"
+        ),
+        pytest.param(
+            {"name": "x", "port": 80, "resolver": "dns.internal:53"}, "resolver", "IP", id="r2"
+        ),
+        pytest.param(
+            {"name": "x", "port": 80, "resolver": "10.0.0.1:99999"}, "resolver", "port", id="r3"
+        ),
+        pytest.param({"name": "x", "port": 0}, "port", "1 to 65535", id="port-0"),
+        pytest.param({"name": "_a._tcp.x", "record": "srv", "port": 80}, "port", "SRV", id="srv"),
+        pytest.param({"name": "x", "port": 80, "scheme": "ftp"}, "scheme", "'https'", id="scheme"),
+        pytest.param({"port": 80}, "name", "is required", id="no-name"),
+        pytest.param({"name": "x", "port": 80, "ttl": 5}, "ttl", "unknown key", id="unknown"),
+    ],
+)
+def test_bad_dns_tables_are_config_errors(discovery, path, message) -> None:
+    with pytest.raises(ConfigError) as info:
+        Balancer(_pool_with({"type": "dns", **discovery}))
+    where = f"pools.api.discovery.{path}"
+    assert any(p.path == where and message in p.message for p in info.value.problems), str(
+        info.value
+    )

@@ -73,7 +73,7 @@ def test_builtins_are_registered_through_the_hooks() -> None:
     assert set(manager.classes("health check")) == {"http", "tcp", "none"}
     assert set(manager.classes("store")) == {"memory", "redis", "rediss"}
     assert set(manager.classes("persistence")) == {"cookie", "session"}
-    assert set(manager.classes("discovery")) == {"file"}
+    assert set(manager.classes("discovery")) == {"file", "dns"}
     assert {dist for _, dist in manager.classes("algorithm").values()} == {"balancekit"}
 
 

@@ -11,11 +11,12 @@ from typing import Any
 
 from .._exceptions import DiscoveryError
 from ..hookspecs import hookimpl
+from .dns import DNSDiscovery
 from .file import FileDiscovery
 
-__all__ = ["DiscoveryError", "FileDiscovery"]
+__all__ = ["DNSDiscovery", "DiscoveryError", "FileDiscovery"]
 
 
 @hookimpl(trylast=True)
 def balancekit_register_discovery() -> list[type[Any]]:
-    return [FileDiscovery]
+    return [FileDiscovery, DNSDiscovery]
