@@ -728,3 +728,45 @@ def test_bad_dns_tables_are_config_errors(discovery, path, message) -> None:
     assert any(p.path == where and message in p.message for p in info.value.problems), str(
         info.value
     )
+
+
+def test_four_workers_over_redis_make_one_query_per_round(dns, redis_server) -> None:
+    redis = redis_server()
+    dns.set_hosts({"shared.bk.test": ["127.0.0.7"]})
+    config = {
+        "store": redis.url,
+        "pools": {
+            "api": {
+                "backends": [],
+                "discovery": {
+                    "type": "dns",
+                    "name": "shared.bk.test",
+                    "port": 80,
+                    "resolver": dns.address,
+                    "interval": 5,
+                },
+            }
+        },
+    }
+    workers = [Balancer(config) for _ in range(4)]
+    try:
+        for worker in workers:
+            worker.start_background()  # a loop of its own each, as four processes have
+        wanted = "http://127.0.0.7:80"
+        wait_for(lambda: all(wanted in urls(w) for w in workers), what="every worker")
+        before = dns.queries("shared.bk.test")
+        started = time.monotonic()
+        time.sleep(6)
+        queries = dns.queries("shared.bk.test") - before
+        elapsed = time.monotonic() - started
+        # The TTL (1 s) is sooner than the interval: one round a second,
+        # between the four of them (four times that without the lease).
+        assert 0 < queries <= elapsed * 1.2 + 1, (queries, elapsed)
+        dns.set_hosts({"shared.bk.test": ["127.0.0.8"]})
+        moved = "http://127.0.0.8:80"
+        wait_for(lambda: all(set(urls(w)) == {moved} for w in workers), what="all follow")
+        adopted = [w.status()["pools"]["api"]["discovery"]["last_ok"] for w in workers]
+        assert all(adopted)
+    finally:
+        for worker in workers:
+            worker.close()
