@@ -416,7 +416,12 @@ async def test_a_plugin_that_raises_keeps_the_last_good_set_and_backs_off() -> N
                 raise OSError("resolver unreachable")
             return ["http://10.0.0.1:80"]
 
-    balancer = Balancer({"pools": {"api": {"backends": ["http://10.0.0.9:80"]}}})
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    balancer = Balancer(
+        {"pools": {"api": {"backends": ["http://10.0.0.9:80"]}}}, metrics_registry=registry
+    )
     pool = balancer.pools["api"]
     plugin = Flaky()
     runner = DiscoveryRunner(pool, plugin, type_name="flaky", interval=8)
@@ -426,6 +431,8 @@ async def test_a_plugin_that_raises_keeps_the_last_good_set_and_backs_off() -> N
     assert delays == [1.0, 2.0, 4.0, 8.0, 8.0]
     assert {b.url for b in pool.backends} == {"http://10.0.0.9:80", "http://10.0.0.1:80"}
     assert pool.discovery is not None and pool.discovery.failing
+    errors = registry.get_sample_value("balancekit_discovery_errors_total", {"pool": "api"})
+    assert errors == 5
     plugin.fail = False
     assert await runner.round() == 8 and not pool.discovery.failing
 
