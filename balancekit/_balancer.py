@@ -349,6 +349,13 @@ class Balancer:
                 if engine is None:
                     engine = self._sync_engine = SyncEngine(self.config.transport)
                     _process_local.add(self)
+                    hedged = [name for name, pool in self.pools.items() if pool.config.hedge]
+                    if hedged:
+                        logger.warning(
+                            "pools %s: hedge is done by the async engine only; under WSGI"
+                            " each request is sent once (with retries as configured)",
+                            ", ".join(hedged),
+                        )
         return engine
 
     def start_background(self) -> None:

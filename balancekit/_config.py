@@ -269,6 +269,15 @@ StatusSet = Annotated[
 ]
 
 
+class HedgeConfig(Schema):
+    """``hedge = { after, max }``: more tries for a slow idempotent request."""
+
+    #: Seconds without a response head before a hedged try starts.
+    after: Duration = 0.05
+    #: At most this many hedged tries per request.
+    max: PositiveInt = 1
+
+
 class OutlierDetectionConfig(Schema):
     consecutive_failures: PositiveInt = 5
     base_ejection_time: Duration = 30.0
@@ -356,6 +365,8 @@ class PoolConfig(Schema):
     outlier_detection: OutlierDetectionConfig | None = None
     persistence: Annotated[PersistenceConfig | None, BeforeValidator(_table_from_type)] = None
     tls: TLSConfig | None = None
+    #: Hedged requests (off by default; the async engine and serve).
+    hedge: HedgeConfig | None = None
     #: Where more backends come from (balancekit.discovery), beside ``backends``.
     discovery: Annotated[DiscoveryConfig | None, BeforeValidator(_table_from_type)] = None
 
@@ -629,6 +640,7 @@ _CHILDREN: dict[type[BaseModel], dict[str, tuple[str, type[BaseModel]]]] = {
         "retries": ("one", RetriesConfig),
         "outlier_detection": ("one", OutlierDetectionConfig),
         "tls": ("one", TLSConfig),
+        "hedge": ("one", HedgeConfig),
     },
 }
 

@@ -34,8 +34,9 @@ from ._transports import make_async_transport
 if TYPE_CHECKING:
     from ._backend import Backend
     from ._classify import Routed
+    from ._config import TimeoutsConfig
     from ._transports import UpstreamResponse
-    from ._types import Receive, Scope, Send
+    from ._types import RawHeaders, Receive, Scope, Send
 
 logger = logging.getLogger("balancekit")
 
@@ -161,6 +162,21 @@ async def _respond(
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+#: Closing answers that came to cancelled hedged tries (see _drop_answer).
+_closing: set[asyncio.Task[None]] = set()
+
+
+def _drop_answer(task: asyncio.Task[UpstreamResponse]) -> None:
+    """A cancelled hedged try whose response head came just before the
+    cancel: close it with its body unread, which drops its connection
+    rather than pooling it half-read."""
+    if task.cancelled() or task.exception() is not None:
+        return
+    closing = asyncio.get_running_loop().create_task(task.result().aclose())
+    _closing.add(closing)
+    closing.add_done_callback(_closing.discard)
+
+
 class _Exchange:
     """One proxied HTTP request, with its retries. Lives for one request."""
 
@@ -271,7 +287,7 @@ class _Exchange:
                         await self._problem(exc)
                         return
                 try:
-                    if attempts.deadline or attempts.span is not None:
+                    if attempts.deadline or attempts.span is not None or attempts.hedge:
                         response = await self._send_with_terms(attempts, backend)
                     else:  # the common case, without a coroutine of its own
                         response = await self.engine.transport.send(
@@ -351,20 +367,84 @@ class _Exchange:
             assert attempts.tracing is not None
             headers = attempts.tracing.inject(attempts.span, headers)
         send = self.engine.transport.send
-        if not attempts.deadline:
-            return await send(
-                backend, request.method, self.target, headers, self.body, attempts.timeouts
-            )
         timeouts = attempts.try_timeouts()
         if timeouts is None:
             raise deadline_passed(self.pool.name)
+        if attempts.hedge is not None and self.body is None:
+            answer = self._race(attempts, backend, headers, timeouts)
+        else:
+            answer = send(backend, request.method, self.target, headers, self.body, timeouts)
+        if not attempts.deadline:
+            return await answer
         try:
             async with asyncio.timeout(attempts.remaining()):
-                return await send(
-                    backend, request.method, self.target, headers, self.body, timeouts
-                )
+                return await answer
         except TimeoutError:
             raise deadline_passed(self.pool.name) from None
+
+    async def _race(
+        self, attempts: Attempts, backend: Backend, headers: RawHeaders, timeouts: TimeoutsConfig
+    ) -> UpstreamResponse:
+        """The try on ``backend``, and after ``hedge.after`` seconds without a
+        response head, up to ``hedge.max`` more on other backends (each in
+        the retry budget): the first head wins, the others are cancelled and
+        their connections closed, never pooled half-read. A try that fails
+        while another still runs leaves the race to it."""
+        hedge = attempts.hedge
+        assert hedge is not None
+        loop = asyncio.get_running_loop()
+        send = self.engine.transport.send
+        method, target, routed = self.request.method, self.target, self.routed
+        #: Each try's task: its backend, and when it began (0.0: the first's,
+        #: whose clock ``attempts`` keeps).
+        racers: dict[asyncio.Task[UpstreamResponse], tuple[Backend, float]] = {
+            loop.create_task(send(backend, method, target, headers, None, timeouts)): (backend, 0.0)
+        }
+        launched = 0
+        try:
+            while racers:
+                timer = hedge.after if launched < hedge.max else None
+                done, _ = await asyncio.wait(
+                    racers, timeout=timer, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not done:
+                    extra = attempts.hedge_next()
+                    if extra is None:
+                        launched = hedge.max  # no budget or no backend: wait for those racing
+                        continue
+                    launched += 1
+                    extra_headers = with_host(routed.headers, extra, self.pool.config.preserve_host)
+                    task = loop.create_task(
+                        send(extra, method, target, extra_headers, None, timeouts)
+                    )
+                    racers[task] = (extra, time.perf_counter())
+                    continue
+                for task in done:
+                    racer, started = racers.pop(task)
+                    error = task.exception()
+                    if error is None:
+                        if started:
+                            attempts.hedge_won(racer, started)
+                        return task.result()
+                    code = error.status_code if isinstance(error, ProxyError) else 502
+                    if started:  # a hedged try failed: settled here
+                        latency = (time.perf_counter() - started) * 1000.0
+                        attempts.hedge_end(racer, ok=False, latency_ms=latency, code=code)
+                    if not isinstance(error, ProxyError) or not racers:
+                        raise error  # the last one standing: the usual handling follows
+                    error.pool = self.pool.name
+                    if not started:
+                        attempts.failed(error)  # the first try failed: the others race on
+            raise AssertionError("a race ends with an answer or an error")  # pragma: no cover
+        finally:
+            # Whatever still races lost: cancelled now, settled without
+            # blame. The first try, when it lost, was released by
+            # hedge_won; when the race ended otherwise, Attempts.close does.
+            for task, (racer, started) in racers.items():
+                task.cancel()
+                task.add_done_callback(_drop_answer)
+                if started:
+                    attempts.hedge_end(racer, ok=True, latency_ms=None, code=499)
 
     async def _backoff(self, attempts: Attempts) -> bool:
         """Wait before a granted retry; False if ``timeouts.total`` ran out."""

@@ -160,6 +160,7 @@ class Attempts:
         "backend",
         "deadline",
         "flags",
+        "hedge",
         "in_budget",
         "latency_ms",
         "pinned",
@@ -209,6 +210,9 @@ class Attempts:
         total = self.timeouts.total
         #: ``time.monotonic()`` by which the response head must have come.
         self.deadline = time.monotonic() + total if total else 0.0
+        #: The pool's ``hedge`` terms, for a request that may be sent twice.
+        hedge = pool.config.hedge
+        self.hedge = hedge if hedge is not None and request.method in IDEMPOTENT_METHODS else None
 
     def next(self) -> Backend:
         self.attempt += 1
@@ -410,6 +414,56 @@ class Attempts:
                 "write": min(timeouts.write, left),
             }
         )
+
+    # --- hedged tries (``hedge``): more than one backend at once ---------------------
+
+    def hedge_next(self) -> Backend | None:
+        """A backend for a hedged try beside the current one, holding a place
+        in the retry budget; None when the budget is spent or no backend but
+        those tried is eligible. :meth:`hedge_end` settles it."""
+        pool = self.pool
+        if not pool.try_acquire_retry(self.retries.budget_percent):
+            return None
+        try:
+            backend = pool.acquire(self.request, exclude=self.tried)
+        except NoEligibleBackend:
+            pool.release_retry(began=False)
+            return None
+        pool.retry_began()
+        if backend in self.tried:  # the only eligible one is racing already
+            pool.release(backend, ok=True, latency_ms=None)
+            pool.release_retry()
+            return None
+        self.tried.append(backend)
+        metrics = pool.metrics
+        if metrics is not None:
+            metrics.acquired(backend)
+            metrics.hedged()
+        return backend
+
+    def hedge_end(self, backend: Backend, *, ok: bool, latency_ms: float | None, code: int) -> None:
+        """A hedged try is over without being the answer: it failed (``ok``
+        False, its time and status counted), or it lost the race and was
+        cancelled (no blame, no latency sample, 499 as for a client that
+        left). Its place in the retry budget goes back."""
+        pool = self.pool
+        pool.release(backend, ok=ok, latency_ms=latency_ms)
+        if pool.metrics is not None:
+            seconds = None if latency_ms is None else latency_ms / 1000
+            pool.metrics.released(backend, code, seconds)
+        pool.release_retry()
+
+    def hedge_won(self, backend: Backend, started: float) -> None:
+        """The hedged try on ``backend`` answered first: it becomes the
+        current try (its budget place goes back now: the race is over), and
+        the first one, if still held, is released without blame."""
+        self.release(ok=True, timed=False, code=499)
+        self.backend = backend
+        self.started = started
+        pool = self.pool
+        pool.release_retry()
+        if pool.metrics is not None:
+            pool.metrics.hedge_won()
 
     def client_left(self) -> None:
         """The client went away: a backend still held is released without

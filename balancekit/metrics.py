@@ -12,6 +12,8 @@ labels (``pool`` alone where no backend is involved):
 - ``balancekit_retries_total``, ``balancekit_ejections_total``,
   ``balancekit_state_changes_total{state}``,
   ``balancekit_health_check_duration_seconds``;
+- ``balancekit_hedges_total`` and ``balancekit_hedge_wins_total`` (``pool``):
+  hedged tries started, and requests a hedged try answered first;
 - ``balancekit_no_backend_total`` (``pool``): 503s answered for want of an
   eligible backend, a full queue or a ``queue_timeout`` included;
 - ``balancekit_discovery_errors_total`` (``pool``): discovery rounds that
@@ -144,6 +146,15 @@ class Metrics:
             multiprocess_mode="liveall",
         )
         self.retries = Counter("balancekit_retries", "Retries started.", ("pool",), registry=r)
+        self.hedges = Counter(
+            "balancekit_hedges", "Hedged tries started (hedge).", ("pool",), registry=r
+        )
+        self.hedge_wins = Counter(
+            "balancekit_hedge_wins",
+            "Requests answered by a hedged try rather than the first.",
+            ("pool",),
+            registry=r,
+        )
         self.no_backend = Counter(
             "balancekit_no_backend",
             "503s answered for want of an eligible backend (a full queue included).",
@@ -247,6 +258,8 @@ class PoolMetrics:
         self.metrics = metrics
         self.pool = pool
         self.retries = metrics.retries.labels(pool)
+        self.hedges = metrics.hedges.labels(pool)
+        self.hedge_wins = metrics.hedge_wins.labels(pool)
         self.no_backends = metrics.no_backend.labels(pool)
         self.discovery_errors = metrics.discovery_errors.labels(pool)
         self.counts: dict[str, _BackendCounts] = {}  # by URL: a reload makes new Backends
@@ -305,6 +318,12 @@ class PoolMetrics:
 
     def retried(self) -> None:
         self.retries.inc()
+
+    def hedged(self) -> None:
+        self.hedges.inc()
+
+    def hedge_won(self) -> None:
+        self.hedge_wins.inc()
 
     def no_backend(self) -> None:
         """A 503 answered for want of an eligible backend (none eligible,
