@@ -354,15 +354,19 @@ def test_the_dashboard_drains_and_enables_through_the_api(serve, upstreams, brow
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#rows button")) == 6)
     headings = [th.text for th in browser.find_elements(By.CSS_SELECTOR, "thead th")]
     assert headings[-1] == "actions"
+
+    def enabled_draining() -> tuple[bool, bool]:
+        return backend.enabled, backend.draining
+
     click(0, "drain")
     wait.until(lambda d: states()[0] == "draining")
-    assert backend.draining
+    assert enabled_draining() == (True, True)
     click(0, "disable")
     wait.until(lambda d: states()[0] == "disabled")
-    assert not backend.enabled
+    assert enabled_draining()[0] is False
     click(0, "enable")
     wait.until(lambda d: states()[0] == "healthy")
-    assert backend.enabled and not backend.draining
+    assert enabled_draining() == (True, False)
 
     # A wrong token: the API's refusal on the page, nothing changed.
     browser.get("about:blank")
