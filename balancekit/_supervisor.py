@@ -204,9 +204,19 @@ class Supervisor:
     def _start(self, slot: _Slot) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            self._be_worker()  # never returns
+        # The child is born with these signals blocked, and unblocks them
+        # once its server's handlers are in place (ready_for_signals): a
+        # SIGHUP or SIGTERM in between waits instead of killing it, and
+        # none can reach the supervisor's handlers in the child first.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
+        pid = -1
+        try:
+            pid = os.fork()
+            if pid == 0:
+                self._be_worker()  # never returns
+        finally:
+            if pid != 0:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
         slot.pid = pid
         slot.started = self.clock()
 
@@ -242,6 +252,12 @@ class Supervisor:
             os._exit(code)
 
 
+def ready_for_signals() -> None:
+    """In a worker, once its server handles SIGTERM, SIGINT and SIGHUP:
+    deliver those that came while it started (a no-op anywhere else)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
+
+
 def _noted(signum: int, frame: object) -> None:
     """A handler that does nothing: the wakeup fd carries the signal."""
 
@@ -259,4 +275,4 @@ def _stop_when_closed(fd: int) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-__all__ = ["Supervisor", "backoff", "describe_exit"]
+__all__ = ["Supervisor", "backoff", "describe_exit", "ready_for_signals"]

@@ -21,6 +21,7 @@ import click
 from ._balancer import Balancer
 from ._exceptions import ConfigError, PluginError
 from ._plugins import KIND_HOOKS, make_plugin_manager
+from ._supervisor import ready_for_signals
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -256,6 +257,7 @@ def serve(
             files = {"ssl_certfile": certfile, "ssl_keyfile": keyfile} if tls else {}
             try:
                 with _stopped_by_signals():
+                    ready_for_signals()
                     _server(app, **files).run(sockets=[sock])
             finally:
                 signal.signal(signal.SIGHUP, previous)
@@ -374,6 +376,7 @@ def _run_lean(
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         loop.add_signal_handler(signal.SIGHUP, reload)
+        ready_for_signals()  # under --workers: what came while starting
         server = LeanServer(app, tls, proxy_protocol=proxy_protocol)
         await server.start([sock])
         await stop.wait()

@@ -268,6 +268,21 @@ def test_sighup_reloads_every_worker_and_a_bad_file_none(two_workers, upstreams,
     assert running.stop(signal.SIGTERM) == 0
 
 
+def test_a_sighup_while_workers_start_waits_for_them(upstreams, redis_url, tmp_path) -> None:
+    config = tmp_path / "balancekit.toml"
+    config_for(config, redis_url, upstreams[0])
+    port = free_port()
+    with started("serve", str(config), "--port", str(port), "--workers", "2") as running:
+        running.wait_for("2 workers")
+        running.process.send_signal(signal.SIGHUP)  # the workers are still importing
+        deadline = time.monotonic() + 15
+        while sum(line.startswith("worker") and "reloaded" in line for line in running.lines) < 2:
+            assert time.monotonic() < deadline, running.lines
+            time.sleep(0.05)
+        assert not any("killed by" in line for line in running.lines), running.lines
+        assert running.stop(signal.SIGTERM) == 0
+
+
 def test_a_worker_started_after_a_reload_serves_the_reloaded_file(
     two_workers, upstreams, redis_url
 ) -> None:
