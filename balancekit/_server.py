@@ -10,7 +10,8 @@ written with the first body bytes in one call, bodies as they come.
 
 What a front server owes its clients, it does here:
 
-- keep-alive and pipelining: requests on one connection are answered in
+- keep-alive and pipelining (up to ``KEEP_ALIVE_REQUESTS`` per connection,
+  as NGINX's ``keepalive_requests``): requests on one connection are answered in
   order; reading pauses while a pipelined request waits its turn;
 - limits: a request head over ``MAX_HEAD_BYTES`` or ``MAX_HEADER_COUNT``
   fields is answered 431, a malformed one 400, and the connection closed;
@@ -61,6 +62,11 @@ MAX_HEAD_BYTES = MAX_HEADER_BYTES + 4 * 1024
 HANDSHAKE_TIMEOUT = 10.0
 HEAD_TIMEOUT = 10.0
 KEEP_ALIVE = 5.0
+#: Requests answered on one connection before it is closed (NGINX's
+#: ``keepalive_requests``): kept-alive clients spread again over
+#: ``--workers``, a new worker among them, instead of staying where the
+#: first accept put them.
+KEEP_ALIVE_REQUESTS = 1000
 BODY_BUFFER = 256 * 1024
 
 _STATUS_LINES = {s.value: f"HTTP/1.1 {status_line(s.value)}\r\n".encode() for s in HTTPStatus}
@@ -247,6 +253,7 @@ class _Connection(asyncio.Protocol):
         self.in_head = False
         self.head_started = 0.0
         self.idle_since = time.monotonic()
+        self.answered = 0  # requests taken on this connection
         self.read_paused = False
         self.write_paused = False
         self._drain: asyncio.Future[None] | None = None
@@ -422,7 +429,10 @@ class _Connection(asyncio.Protocol):
             "query_string": query,
             "headers": self.headers,
         }
-        cycle = _Cycle(self, scope, self.parser.should_keep_alive())
+        self.answered += 1
+        cycle = _Cycle(
+            self, scope, self.parser.should_keep_alive() and self.answered < KEEP_ALIVE_REQUESTS
+        )
         cycle.expect_continue = self.expects_continue
         self.parsing = cycle
         if self.cycle is None:

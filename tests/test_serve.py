@@ -105,6 +105,18 @@ def test_pipelined_requests_are_answered_in_order(balancer) -> None:
     assert paths == [f"/p{i}" for i in range(5)] + ["/last"]
 
 
+def test_a_connection_closes_after_its_thousandth_request(balancer) -> None:
+    url, _ = balancer
+    from balancekit._server import KEEP_ALIVE_REQUESTS
+
+    one = b"GET /balancekit/status.json HTTP/1.1\r\nHost: t\r\n\r\n"
+    got = raw(url, one * (KEEP_ALIVE_REQUESTS + 5), wait=20)
+    heads = got.split(b"HTTP/1.1 ")[1:]
+    assert len(heads) == KEEP_ALIVE_REQUESTS  # then closed: the client sends the rest again
+    assert b"connection: close" in heads[-1].lower()
+    assert not any(b"connection: close" in head.lower() for head in heads[:-1])
+
+
 def _bodies(stream: bytes) -> list[bytes]:
     # The echo answers are chunked: each body is one chunk.
     out = []
