@@ -554,12 +554,24 @@ def plugins() -> None:
         click.echo(f"plugin {name!r} failed to load: {type(error).__name__}: {error}", err=True)
 
 
+#: The simulator's built-in scenarios, listed without importing it.
+_SCENARIO_NAMES = [
+    "uniform",
+    "slow-backend",
+    "flaky-backend",
+    "heterogeneous",
+    "hot-keys",
+    "bursty",
+    "gray-failure",
+]
+
+
 @cli.command()
 @click.option(
     "--scenario",
     default="slow-backend",
     show_default=True,
-    type=click.Choice(["uniform", "slow-backend", "flaky-backend", "heterogeneous", "hot-keys"]),
+    type=click.Choice(_SCENARIO_NAMES),
     help="A built-in workload.",
 )
 @click.option(
@@ -575,6 +587,12 @@ def plugins() -> None:
     help="Arrival rate as a share of the fleet's capacity (default: the scenario's).",
 )
 @click.option("--seed", default=1, show_default=True, type=int)
+@click.option(
+    "--balancers",
+    type=click.IntRange(min=1),
+    help="Independent balancers sharing the backends, each seeing only its own"
+    " traffic. [default: the scenario's, or 1]",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG plot here.")
 def simulate(
@@ -584,6 +602,7 @@ def simulate(
     requests: int,
     load: float | None,
     seed: int,
+    balancers: int | None,
     as_json: bool,
     plot: str | None,
 ) -> None:
@@ -616,7 +635,7 @@ def simulate(
     if not runnable:
         click.echo("balancekit: no algorithm to simulate", err=True)
         sys.exit(1)
-    report = sim.run(model, runnable, requests=requests, load=load, seed=seed)
+    report = sim.run(model, runnable, requests=requests, load=load, seed=seed, balancers=balancers)
     if plot:
         try:
             sim.plot(report, plot)
@@ -642,7 +661,8 @@ def simulate(
         )
         for name in order
     ]
-    click.echo(f"{model.name}: {model.description}; {requests:,} requests, seed {seed}")
+    several = f", {report['balancers']} balancers" if "balancers" in report else ""
+    click.echo(f"{model.name}: {model.description}; {requests:,} requests, seed {seed}{several}")
     headers = ("algorithm", "p50 ms", "p95 ms", "p99 ms", "mean ms", "errors", "max share")
     click.echo(table(headers, rows))
     click.echo(sim.recommend(report))

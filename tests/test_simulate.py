@@ -345,3 +345,18 @@ def test_gray_failure_keys_are_checked(tmp_path: Path) -> None:
 def test_balancers_must_be_positive() -> None:
     with pytest.raises(ValueError, match="balancers: must be a positive integer, got 0"):
         simulate(SCENARIOS["uniform"], ALGORITHMS["random"], requests=10, balancers=0)
+
+
+def test_the_command_knows_every_scenario_and_several_balancers() -> None:
+    from balancekit.cli import _SCENARIO_NAMES
+
+    assert sorted(_SCENARIO_NAMES) == sorted(SCENARIOS)  # the list the command offers
+    args = ["simulate", "--scenario", "gray-failure", "--balancers", "4", "--requests", "3000"]
+    done = CliRunner().invoke(cli, [*args, "--algorithms", "p2c", "--json"])
+    assert done.exit_code == 0, done.output
+    report = json.loads(done.output)
+    assert report["scenario"] == "gray-failure" and report["balancers"] == 4
+    table = CliRunner().invoke(cli, [*args, "--algorithms", "p2c"])
+    assert "4 balancers" in table.output.splitlines()[0]
+    refused = CliRunner().invoke(cli, [*args[:3], "--balancers", "0"])
+    assert refused.exit_code == 2 and "--balancers" in refused.output
