@@ -278,6 +278,23 @@ class HedgeConfig(Schema):
     max: PositiveInt = 1
 
 
+class AdaptiveConcurrencyConfig(Schema):
+    """``adaptive_concurrency``: a pool limit on requests in flight, from latency."""
+
+    min_limit: PositiveInt = 4
+    max_limit: PositiveInt = 1000
+    #: Seconds between two re-samplings of the limit.
+    window: Duration = 1.0
+
+    @field_validator("max_limit")
+    @classmethod
+    def _not_below_min(cls, value: int, info: ValidationInfo) -> int:
+        low = info.data.get("min_limit")
+        if low is not None and value < low:
+            raise ValueError(f"must be at least min_limit ({low}), got {value}")
+        return value
+
+
 class OutlierDetectionConfig(Schema):
     consecutive_failures: PositiveInt = 5
     base_ejection_time: Duration = 30.0
@@ -367,6 +384,8 @@ class PoolConfig(Schema):
     tls: TLSConfig | None = None
     #: Hedged requests (off by default; the async engine and serve).
     hedge: HedgeConfig | None = None
+    #: A limit on the pool's requests in flight that follows latency (off by default).
+    adaptive_concurrency: AdaptiveConcurrencyConfig | None = None
     #: Where more backends come from (balancekit.discovery), beside ``backends``.
     discovery: Annotated[DiscoveryConfig | None, BeforeValidator(_table_from_type)] = None
 
@@ -641,6 +660,7 @@ _CHILDREN: dict[type[BaseModel], dict[str, tuple[str, type[BaseModel]]]] = {
         "outlier_detection": ("one", OutlierDetectionConfig),
         "tls": ("one", TLSConfig),
         "hedge": ("one", HedgeConfig),
+        "adaptive_concurrency": ("one", AdaptiveConcurrencyConfig),
     },
 }
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
 from . import _outlier
+from ._adaptive import AdaptiveLimit
 from ._backend import Backend, BackendState
 from ._changes import Change, Op
 from ._config import validate_backend
@@ -134,6 +135,13 @@ class Pool:
         self._intervals = tuple(_outlier.Interval(d, clock()) for d in detectors if d is not None)
         self.max_pending = config.max_pending
         self.queue_timeout = config.queue_timeout
+        adaptive = config.adaptive_concurrency
+        #: ``adaptive_concurrency``: the limit on requests in flight, or None.
+        self.adaptive = (
+            None
+            if adaptive is None
+            else AdaptiveLimit(adaptive.min_limit, adaptive.max_limit, adaptive.window, clock())
+        )
         #: Requests waiting for a place, first come first served.
         self._waiters: deque[Waiter] = deque()
         self.active_requests = 0
@@ -200,7 +208,7 @@ class Pool:
         with self._lock:
             if prefer is not None and self._pinnable(prefer):
                 return self._take(prefer)
-            if exclude or self._saturated:
+            if exclude or self._saturated or self.adaptive is not None:
                 candidates = self._candidates(exclude)
             else:  # the common case, without a call
                 candidates = self._primary or self._backup
@@ -211,6 +219,9 @@ class Pool:
     def _candidates(self, exclude: Collection[Backend]) -> tuple[Backend, ...]:
         # Under the lock: who may take a request now, the backends already
         # tried left out while another is eligible.
+        adaptive = self.adaptive
+        if adaptive is not None and self.active_requests >= adaptive.limit:
+            return ()  # at the adaptive limit: full, as at max_connections
         candidates = self._primary or self._backup
         if self._saturated:
             limit = self.max_connections
@@ -227,6 +238,12 @@ class Pool:
         # Under the lock, when _candidates() is empty: "full" when backends
         # are eligible but every one is at max_connections (a request may
         # then queue), not when none is eligible at all.
+        adaptive = self.adaptive
+        if adaptive is not None and self.active_requests >= adaptive.limit and self._eligible:
+            detail = f"pool {self.name!r} is at its adaptive concurrency limit ({adaptive.limit})"
+            error = NoEligibleBackend(detail, pool=self.name)
+            error.full = True
+            return error
         error = NoEligibleBackend(f"no eligible backend in pool {self.name!r}", pool=self.name)
         error.full = bool(self._primary or self._backup)
         return error
@@ -356,6 +373,11 @@ class Pool:
             if latency_ms is not None:
                 backend.record_latency(latency_ms, failed=not ok, at=self._clock())
                 backend.recent_ms.append(latency_ms)
+            if self.adaptive is not None:
+                # in flight as it was with this request still in it
+                self.adaptive.sample(
+                    latency_ms if ok else None, self.active_requests + 1, self._clock()
+                )
             if self._released is not None:
                 self._released(backend)
             if ok:
@@ -599,6 +621,8 @@ class Pool:
                 "queued": len(self._waiters),
                 "backends": [b.as_status() for b in self.backends],
             }
+            if self.adaptive is not None:
+                status["concurrency_limit"] = self.adaptive.limit
         if self.discovery is not None:
             status["discovery"] = self.discovery.as_status()
         return status

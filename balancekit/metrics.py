@@ -18,8 +18,9 @@ labels (``pool`` alone where no backend is involved):
   eligible backend, a full queue or a ``queue_timeout`` included;
 - ``balancekit_discovery_errors_total`` (``pool``): discovery rounds that
   failed (the pool kept its last good set);
-- ``balancekit_pool_eligible_backends``, ``balancekit_pool_panic`` (0/1)
-  and ``balancekit_queue_length`` (``pool``): read from the pools when the
+- ``balancekit_pool_eligible_backends``, ``balancekit_pool_panic`` (0/1),
+  ``balancekit_queue_length`` and, with ``adaptive_concurrency``,
+  ``balancekit_pool_concurrency_limit`` (``pool``): read from the pools when the
   ``metrics`` path is read, never kept up per request.
 
 In one process, the per-request families (requests, active requests,
@@ -68,6 +69,7 @@ REFRESH_SECONDS = 1.0
 ELIGIBLE_HELP = "Backends that may take traffic: enabled, not draining, healthy, not ejected."
 PANIC_HELP = "1 while the pool is in panic mode (balancing over unhealthy backends too)."
 QUEUE_HELP = "Requests waiting in the pool's queue (max_pending)."
+LIMIT_HELP = "The pool's adaptive limit on requests in flight (adaptive_concurrency)."
 
 
 class _HasPools(Protocol):
@@ -129,6 +131,13 @@ class Metrics:
             self.queue = Gauge(
                 "balancekit_queue_length",
                 QUEUE_HELP,
+                ("pool",),
+                registry=r,
+                multiprocess_mode="livesum",
+            )
+            self.limit = Gauge(
+                "balancekit_pool_concurrency_limit",
+                LIMIT_HELP,
                 ("pool",),
                 registry=r,
                 multiprocess_mode="livesum",
@@ -223,6 +232,8 @@ class Metrics:
             self.eligible.labels(name).set(pool.eligible_backends)
             self.panic.labels(name).set(1 if pool.panic else 0)
             self.queue.labels(name).set(pool.queued)
+            if pool.adaptive is not None:
+                self.limit.labels(name).set(pool.adaptive.limit)
 
     def exposition(self) -> tuple[bytes, bytes]:
         """The ``metrics`` answer: body and content type."""
@@ -407,13 +418,17 @@ class _PoolCollector:
         )
         panic = GaugeMetricFamily("balancekit_pool_panic", PANIC_HELP, labels=["pool"])
         queue = GaugeMetricFamily("balancekit_queue_length", QUEUE_HELP, labels=["pool"])
+        limit = GaugeMetricFamily("balancekit_pool_concurrency_limit", LIMIT_HELP, labels=["pool"])
         for pool in self.metrics.current_pools():
             eligible.add_metric([pool.name], pool.eligible_backends)
             panic.add_metric([pool.name], 1 if pool.panic else 0)
             queue.add_metric([pool.name], pool.queued)
+            if pool.adaptive is not None:
+                limit.add_metric([pool.name], pool.adaptive.limit)
         yield eligible
         yield panic
         yield queue
+        yield limit
 
 
 def _refresh_forever(metrics: weakref.ref[Metrics]) -> None:
