@@ -538,7 +538,7 @@ def check(config: str) -> None:
 
 @cli.command()
 def plugins() -> None:
-    """List every algorithm, health check, persistence type and store."""
+    """List every algorithm, health check, persistence type, store and discovery type."""
     manager = make_plugin_manager()
     rows = []
     for kind in KIND_HOOKS:

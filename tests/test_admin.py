@@ -368,10 +368,23 @@ def test_the_dashboard_drains_and_enables_through_the_api(serve, upstreams, brow
     wait.until(lambda d: states()[0] == "healthy")
     assert enabled_draining() == (True, False)
 
+    # Where each backend came from: the configuration, or a runtime add.
+    balancer.pools["api"].add_backend(upstreams[2].url)
+
+    def sources() -> list[str]:
+        return list(
+            browser.execute_script(
+                "return Array.from(document.querySelectorAll("
+                "'#rows td[data-label=\"source\"]'), c => c.textContent.trim())"
+            )
+        )
+
+    wait.until(lambda d: sources() == ["config", "config", "runtime"])
+
     # A wrong token: the API's refusal on the page, nothing changed.
     browser.get("about:blank")
     browser.get(f"{server.url}/balancekit/#admin=wrong")
-    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#rows button")) == 6)
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#rows button")) == 9)
     click(1, "drain")
     wait.until(lambda d: "drain: needs Authorization" in d.find_element(By.ID, "meta").text)
     assert not balancer.pools["api"].backends[1].draining

@@ -187,6 +187,7 @@ def test_the_dashboard_reads_without_javascript(serve, upstreams) -> None:
     assert '<meta http-equiv="refresh" content="5">' in page  # inside <noscript>
     assert f'<td data-label="backend">{upstreams[0].url}</td>' in page
     assert '<td data-label="state">healthy</td>' in page
+    assert '<td data-label="source">config</td>' in page
     assert "http://" not in page.split("<script>")[1], "nothing fetched from elsewhere"
 
 

@@ -88,6 +88,7 @@ def _answer(
 COLUMNS = (
     ("pool", "pool"),
     ("backend", "url"),
+    ("source", "source"),
     ("state", "state"),
     ("weight", "weight"),
     ("in flight", "active_requests"),
@@ -181,8 +182,9 @@ td[data-label="actions"] button{font:inherit;margin-right:.3rem;padding:.1rem .5
 
 _SCRIPT = r"""
 (function () {
-  var history = {}, last = {}, labels = ["pool", "backend", "state", "weight", "in flight",
-    "req/s", "p50 ms", "p99 ms", "requests", "failures", "last check", "last minutes"];
+  var history = {}, last = {}, labels = ["pool", "backend", "source", "state", "weight",
+    "in flight", "req/s", "p50 ms", "p99 ms", "requests", "failures", "last check",
+    "last minutes"];
   function num(v, digits) { return v === null || v === undefined ? "-" : v.toFixed(digits); }
   function spark(points) {
     if (points.length < 2) return "";
@@ -246,12 +248,12 @@ _SCRIPT = r"""
         var check = b.last_check ? (b.last_check.ok ? "pass" : "FAIL") : "-";
         var tr = document.createElement("tr");
         tr.className = b.state;
-        [name, b.url, b.state, String(b.weight), String(b.active_requests), num(rps, 1),
-         num(b.latency_p50_ms, 1), num(b.latency_p99_ms, 1), String(b.requests_total),
-         String(b.failures_total), check].forEach(function (text, i) {
+        [name, b.url, b.source || "-", b.state, String(b.weight), String(b.active_requests),
+         num(rps, 1), num(b.latency_p50_ms, 1), num(b.latency_p99_ms, 1),
+         String(b.requests_total), String(b.failures_total), check].forEach(function (text, i) {
           tr.appendChild(cell(labels[i], text));
         });
-        tr.appendChild(cell(labels[11], "", spark(points)));
+        tr.appendChild(cell(labels[12], "", spark(points)));
         if (actions.length) tr.appendChild(buttons(name, b));
         body.appendChild(tr);
       });
