@@ -49,6 +49,20 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("balancekit")
 
+
+def raise_if_cancelled() -> None:
+    """Raise the cancellation a store call may have swallowed.
+
+    redis-py's asyncio client can catch a CancelledError that lands inside
+    a command and carry on (redis/redis-py#2028, #2551): the task stays
+    marked as cancelling, but its next ``await`` no longer raises, so a
+    loop that was told to stop runs one more round, and another. Loops
+    that call the store check here after each round.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
 CHANNEL = "balancekit:changes"
 #: Seconds between full re-reads of the shared runtime state.
 RECONCILE_INTERVAL = 2.0

@@ -151,3 +151,33 @@ def test_http_check_expects_body_text_status_and_sends_headers(serve) -> None:
     assert not asyncio.run(run(expect_status="500-599"))
     with pytest.raises(ValueError, match="expect_body: must not be empty"):
         HTTPHealthCheck(expect_body="")
+
+
+def test_a_cancellation_a_store_call_swallowed_still_stops_the_loop() -> None:
+    import asyncio
+    import contextlib
+
+    from balancekit._coordination import raise_if_cancelled
+
+    rounds = []
+
+    async def checks() -> None:
+        while True:
+            # a store call, cancelled mid-way and the cancellation swallowed,
+            # as redis-py can (redis/redis-py#2028)
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0.05)
+            rounds.append(1)
+            raise_if_cancelled()
+            await asyncio.sleep(0.05)
+
+    async def main() -> None:
+        task = asyncio.get_running_loop().create_task(checks())
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, timeout=2)
+        assert task.cancelled()
+
+    asyncio.run(main())
+    assert rounds == [1]  # stopped after the round it was cancelled in

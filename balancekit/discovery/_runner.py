@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._changes import Change, Op
 from .._config import BackendConfig, validate
+from .._coordination import raise_if_cancelled
 from .._exceptions import ConfigError
 
 if TYPE_CHECKING:
@@ -163,6 +164,7 @@ class DiscoveryRunner:
     async def _run(self) -> None:
         while True:
             delay = await self.round()
+            raise_if_cancelled()  # a store call may have swallowed a stop
             await self._wait(delay)
 
     async def _wait(self, delay: float) -> None:

@@ -15,6 +15,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .._changes import Change, Op
+from .._coordination import raise_if_cancelled
 
 if TYPE_CHECKING:
     from .._backend import Backend
@@ -87,8 +88,10 @@ class HealthScheduler:
                 mine = await coordinator.lease(self.pool, backend, self.interval)
                 if mine is not None:  # the store answered: the checks are shared
                     await self._shared_round(coordinator, backend, mine)
+                    raise_if_cancelled()
                     await asyncio.sleep(self.interval)
                     continue
+                raise_if_cancelled()
             ok = await self._probe(backend)
             if ok:
                 successes, failures = successes + 1, 0
