@@ -118,7 +118,7 @@ class AdminEndpoint:
         if not parts:  # .../backends
             if method != "POST":
                 raise _not_allowed("POST")
-            fields = _json_object(body)
+            fields = _json_object(body, ("url", "weight", "backup"))
             url = _field(fields, "url", str)
             weight = _field(fields, "weight", int, 1)
             backup = _field(fields, "backup", bool, False)
@@ -145,7 +145,7 @@ class AdminEndpoint:
         if len(parts) == 2 and parts[1] == "weight":
             if method != "PUT":
                 raise _not_allowed("PUT")
-            weight = _field(_json_object(body), "weight", int)
+            weight = _field(_json_object(body, ("weight",)), "weight", int)
             try:
                 pool.set_weight(url, weight)
             except (ValueError, ConfigError) as exc:
@@ -185,15 +185,19 @@ class AdminEndpoint:
         return {"reloaded": True}
 
 
-def _json_object(body: bytes) -> dict[str, Any]:
+def _json_object(body: bytes, known: tuple[str, ...]) -> dict[str, Any]:
+    """The body as a JSON object with only ``known`` fields, or a 400."""
     if len(body) > MAX_BODY:
-        raise AdminError(413, f"the body is over {MAX_BODY} bytes")
+        raise AdminError(400, f"the body is over {MAX_BODY} bytes")
     try:
         fields = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise AdminError(400, "the body must be a JSON object") from None
     if not isinstance(fields, dict):
         raise AdminError(400, "the body must be a JSON object")
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        raise AdminError(400, f"{unknown[0]}: unknown field (known: {', '.join(known)})")
     return fields
 
 

@@ -123,7 +123,15 @@ def test_every_row_of_the_table(api: Api, upstreams) -> None:
         ("GET", "pools/api/backends/{a}", None, 405, "only DELETE"),
         ("DELETE", "pools/api/backends/{a}/drain", None, 405, "only POST"),
         ("POST", "pools/api/backends/{a}/weight", None, 405, "only PUT"),
-        ("POST", "pools/api/backends", b"x" * (70 * 1024), 413, "over"),
+        ("POST", "pools/api/backends", b"x" * (70 * 1024), 400, "over 65536 bytes"),
+        (
+            "POST",
+            "pools/api/backends",
+            b'{"url": "http://127.0.0.1:3", "wieght": 2}',
+            400,
+            "wieght: unknown field",
+        ),
+        ("PUT", "pools/api/backends/{a}/weight", b'{"weight": 2, "x": 1}', 400, "x: unknown"),
     ],
 )
 def test_errors_are_problems_that_name_the_field(
