@@ -24,6 +24,27 @@ or hosts are. Each arrival goes to one of them drawn uniformly at random
 spread by DNS or a layer-4 balancer), and a balancer knows only its own
 requests: its in-flight counts and latency averages, never the others'.
 The backends' slots and queues are shared by all.
+
+The pool settings of section 16 run through the real Pool as well:
+
+- ``hedge = { after, max }``: when a request's first try has not ended
+  ``after`` seconds after it began, up to ``max`` more tries start (one
+  each ``after``) on other backends, picked by the same algorithm
+  (``acquire`` with ``exclude``) and each holding a place in the pool's
+  retry budget, as the engine's ``Attempts.hedge_next`` does. The
+  simulator has no response head apart from the end of a request, so
+  "first head" is "first to end" here. The first success wins; the
+  losers are cancelled at that moment: a loser still queued leaves its
+  backend's queue, one in service frees its slot, and both are released
+  without blame and without a latency sample (``hedge_won``/``hedge_end``).
+  A try that fails leaves the race to the others; the last one failing
+  fails the request. The hedges draw their service times from a stream
+  of their own, so a run with hedging and one without see the same
+  arrivals and first tries.
+- ``adaptive_concurrency``: the Pool's own limit, on the simulated clock.
+  A request over it finds the pool full: it waits in section 11's queue
+  (``max_pending``, ``queue_timeout``) when the scenario has one, else it
+  is a 503 at once; both count in ``error_rate`` and in ``rejected``.
 """
 
 from __future__ import annotations
@@ -35,17 +56,28 @@ import random
 import tomllib
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, field_validator
 
 from ._backend import Backend, percentile
-from ._config import OutlierDetectionConfig, PoolConfig, PositiveInt, Schema, nest, validate
+from ._config import (
+    AdaptiveConcurrencyConfig,
+    Duration,
+    HedgeConfig,
+    NonNegativeInt,
+    OutlierDetectionConfig,
+    PoolConfig,
+    PositiveInt,
+    Schema,
+    nest,
+    validate,
+)
 from ._exceptions import ConfigError, NoEligibleBackend, Problem
 from ._plugins import build_plugin
-from ._pool import Pool
+from ._pool import Pool, Waiter
 from ._request import RequestInfo
 
 #: Distinct client addresses requests come from (the hash algorithms' key).
@@ -114,6 +146,13 @@ class Scenario:
     #: ``(seconds, load)`` phases repeated in turn; empty: ``load`` throughout.
     #: A ``load`` other than their mean scales every phase alike.
     phases: tuple[tuple[float, float], ...] = ()
+    #: The pool settings of section 16 and the queue of section 11, as a
+    #: balancer's ``[pools.NAME]`` has them (``{"after": 0.05, "max": 1}``,
+    #: ``{"min_limit": 4, ...}``); None: off.
+    hedge: Mapping[str, Any] | None = None
+    adaptive_concurrency: Mapping[str, Any] | None = None
+    max_pending: int = 0
+    queue_timeout: float = 1.0
 
 
 def _five(**odd: Any) -> tuple[BackendModel, ...]:
@@ -174,9 +213,19 @@ class Result:
     queue_tail: tuple[float, ...] = ()
     #: The most requests any backend held at once.
     max_queue: int = 0
+    #: With ``hedge``: hedged tries per request (the extra load), and the
+    #: share of hedged tries that answered first.
+    hedge_share: float | None = None
+    hedge_wins: float | None = None
+    #: Requests refused or timed out before any backend (503s), a share of
+    #: all requests; counted in ``error_rate`` too.
+    rejected: float = 0.0
+    #: With ``adaptive_concurrency``: balancer 0's limit, ``(time, limit)``
+    #: at each arrival that found it changed.
+    limits: tuple[tuple[float, int], ...] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        result: dict[str, Any] = {
             "p50_ms": round(self.p50_ms, 3),
             "p95_ms": round(self.p95_ms, 3),
             "p99_ms": round(self.p99_ms, 3),
@@ -185,6 +234,21 @@ class Result:
             "share": {name: round(value, 6) for name, value in self.share.items()},
             "max_share_ratio": round(self.max_share_ratio, 4),
         }
+        if self.hedge_share is not None and self.hedge_wins is not None:
+            result["hedge_share"] = round(self.hedge_share, 6)
+            result["hedge_wins"] = round(self.hedge_wins, 6)
+        if self.limits is not None:
+            values = [limit for _, limit in self.limits]
+            result["rejected"] = round(self.rejected, 6)
+            result["concurrency_limit"] = {
+                "min": min(values),
+                "max": max(values),
+                "last": values[-1],
+                "changes": len(values) - 1,
+            }
+        elif self.rejected:
+            result["rejected"] = round(self.rejected, 6)
+        return result
 
 
 def _sampler(model: BackendModel, rng: random.Random) -> Callable[[], float]:
@@ -326,9 +390,302 @@ def _pool(scenario: Scenario, algorithm: Any, clock: Callable[[], float]) -> Poo
             "backends": [{"url": b.url, "weight": b.weight} for b in scenario.backends],
             "max_connections": 10**9,  # the models queue; nothing is refused
             "outlier_detection": scenario.outlier_detection,
+            "hedge": scenario.hedge,
+            "adaptive_concurrency": scenario.adaptive_concurrency,
+            "max_pending": scenario.max_pending,
+            "queue_timeout": scenario.queue_timeout,
         }
     )
     return Pool("simulated", config, algorithm, clock=clock)
+
+
+class _Request:
+    """One client request: its tries (the first, then any hedges)."""
+
+    __slots__ = ("arrived", "done", "hedges", "info", "pool", "tries", "waiter")
+
+    def __init__(self, info: RequestInfo, pool: Pool, arrived: float) -> None:
+        self.info = info
+        self.pool = pool
+        self.arrived = arrived
+        self.tries: list[_Try] = []
+        self.hedges = 0
+        self.done = False
+        #: Its place in the pool's queue (``max_pending``) while it waits there.
+        self.waiter: Waiter | None = None
+
+
+class _Try:
+    """One try of a request on one backend: queued there, then served."""
+
+    __slots__ = ("backend", "began", "fails", "hedge", "j", "over", "request", "service", "serving")
+
+    def __init__(
+        self, request: _Request, backend: Backend, j: int, began: float, hedge: bool
+    ) -> None:
+        self.request = request
+        self.backend = backend
+        self.j = j
+        self.began = began
+        self.hedge = hedge
+        self.service = 0.0
+        self.fails = False
+        self.serving = False
+        #: Ended or cancelled: its end event, or its place in a queue, is void.
+        self.over = False
+
+
+_ARRIVE, _END, _HEDGE, _GIVE_UP = range(4)
+
+
+class _Run:
+    """One simulation: the event loop and the state it moves.
+
+    Events are ``(time, sequence, kind, subject)``; a cancelled try's end
+    event stays in the heap and is skipped when it comes (``over``), as its
+    place in a backend's queue is skipped when the queue reaches it.
+    """
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        algorithm: type[Any],
+        requests: int,
+        load: float | None,
+        seed: int,
+        count: int,
+    ) -> None:
+        self.now = 0.0
+        self.requests = requests
+        rng = self.rng = random.Random(seed)
+        # The split has its own stream, so that the arrivals and service times
+        # are the same whatever the number of balancers: a comparison of 1 and
+        # N balancers differs by the balancing only (common random numbers).
+        self.split = random.Random(f"{seed}/balancers").random
+        # Hedged tries too: the first tries draw the same service times with
+        # hedging and without.
+        self.hedge_rng = random.Random(f"{seed}/hedges")
+        options = scenario.algorithm_options.get(algorithm.name, {})
+        clock = self.clock
+        # Balancer 0 seeds its algorithm as a lone balancer always did.
+        self.pools = [
+            _pool(scenario, construct(algorithm, options, clock, seed + 1 + k), clock)
+            for k in range(count)
+        ]
+        self.models = models = scenario.backends
+        self.server = {b: j for pool in self.pools for j, b in enumerate(pool.backends)}
+        self.samplers = [_sampler(model, rng) for model in models]
+        self.hedge_samplers = [_sampler(model, self.hedge_rng) for model in models]
+        self.gray = [model.slow_share > 0 for model in models]
+        self.free = [model.slots for model in models]
+        self.waiting: list[deque[_Try]] = [deque() for _ in models]
+        self.queues = _QueueLengths(len(models))
+        self.arrivals = _Arrivals(_base_rate(scenario, load), scenario.phases, rng)
+        self.make_request = _request_maker(scenario, rng)
+        self.served = [0] * len(models)
+        self.latencies: list[float] = []
+        self.errors = self.rejected = self.hedged = self.wins = 0
+        self.events: list[tuple[float, int, int, Any]] = []
+        self.sequence = 0
+        self.arrived = 0
+        #: Requests the pool's queue handed a backend, to start now.
+        self.ready: list[_Request] = []
+        #: Balancer 0's adaptive concurrency limit each time it changed.
+        self.limits: list[tuple[float, int]] = []
+        self.adaptive = self.pools[0].adaptive
+        #: The pools' ``hedge`` terms (one configuration for all).
+        self.terms = self.pools[0].config.hedge
+
+    def clock(self) -> float:
+        return self.now
+
+    def push(self, at: float, kind: int, subject: Any) -> None:
+        heapq.heappush(self.events, (at, self.sequence, kind, subject))
+        self.sequence += 1
+
+    def go(self) -> Result:
+        self.push(self.arrivals.after(0.0), _ARRIVE, None)
+        events = self.events
+        while events:
+            self.now, _, kind, subject = heapq.heappop(events)
+            if kind == _END:
+                self.end(subject)
+            elif kind == _ARRIVE:
+                self.arrive()
+            elif kind == _HEDGE:
+                self.hedge(subject)
+            else:
+                self.give_up(subject)
+        return _result(self)
+
+    # --- a request comes, waits, begins -------------------------------------------
+
+    def arrive(self) -> None:
+        now = self.now
+        self.arrived += 1
+        if self.arrived < self.requests:
+            self.push(self.arrivals.after(now), _ARRIVE, None)
+        else:
+            self.queues.stop(now)
+        info = self.make_request()
+        count = len(self.pools)
+        pool = self.pools[int(self.split() * count)] if count > 1 else self.pools[0]
+        adaptive = self.adaptive
+        if adaptive is not None and (not self.limits or self.limits[-1][1] != adaptive.limit):
+            self.limits.append((now, adaptive.limit))
+        request = _Request(info, pool, now)
+        backend: Backend | None
+        try:
+            backend = pool.acquire(info)
+        except NoEligibleBackend as exc:
+            if not (exc.full and pool.max_pending):  # a 503 at once
+                self.errors += 1
+                self.rejected += 1
+                return
+            backend = self.enqueue(request)
+        if backend is not None:  # else waiting in the queue, or refused
+            self.begin(request, backend, hedge=False)
+
+    def enqueue(self, request: _Request) -> Backend | None:
+        """Section 11's queue: a backend at once, or None (waiting, or refused)."""
+        pool = request.pool
+        try:
+            waiter = pool.enqueue(request.info, (), lambda: self.ready.append(request))
+        except NoEligibleBackend:
+            self.errors += 1
+            self.rejected += 1
+            return None
+        if waiter.backend is None:
+            request.waiter = waiter
+            self.push(self.now + pool.queue_timeout, _GIVE_UP, request)
+        return waiter.backend
+
+    def give_up(self, request: _Request) -> None:
+        waiter = request.waiter
+        if waiter is None:
+            return  # served from the queue in time
+        request.waiter = None
+        request.pool.leave(waiter, keep=False)
+        request.done = True
+        self.errors += 1
+        self.rejected += 1
+
+    def begin(self, request: _Request, backend: Backend, *, hedge: bool) -> None:
+        j = self.server[backend]
+        self.served[j] += 1
+        self.queues.change(j, self.now, 1)
+        model = self.models[j]
+        attempt = _Try(request, backend, j, self.now, hedge)
+        rng = self.hedge_rng if hedge else self.rng
+        attempt.fails = model.failure_rate > 0 and rng.random() < model.failure_rate
+        if attempt.fails:
+            attempt.service = model.failure_latency_ms / 1000
+        else:
+            attempt.service = (self.hedge_samplers if hedge else self.samplers)[j]()
+        request.tries.append(attempt)
+        if self.free[j]:
+            self.free[j] -= 1
+            self.serve(attempt)
+        else:
+            self.waiting[j].append(attempt)
+        terms = self.terms
+        if terms is not None and not hedge:
+            self.push(self.now + terms.after, _HEDGE, request)
+
+    def serve(self, attempt: _Try) -> None:
+        j = attempt.j
+        if self.gray[j] and self.models[j].slow_at(self.now):
+            attempt.service *= self.models[j].slow_factor
+        attempt.serving = True
+        self.push(self.now + attempt.service, _END, attempt)
+
+    # --- hedging: as Attempts.hedge_next / hedge_won / hedge_end --------------------
+
+    def hedge(self, request: _Request) -> None:
+        """``after`` seconds since the last try began and no try has ended:
+        one more on another backend, holding a place in the retry budget."""
+        if request.done:
+            return
+        pool = request.pool
+        if not pool.try_acquire_retry():
+            return  # the budget is spent: wait for those racing
+        tried = [t.backend for t in request.tries]
+        try:
+            backend = pool.acquire(request.info, exclude=tried)
+        except NoEligibleBackend:
+            pool.release_retry(began=False)
+            return
+        pool.retry_began()
+        if backend in tried:  # the only eligible one is racing already
+            self.release(pool, backend, ok=True, latency_ms=None)
+            pool.release_retry()
+            return
+        request.hedges += 1
+        self.hedged += 1
+        self.begin(request, backend, hedge=True)
+        terms = self.terms
+        assert terms is not None
+        if request.hedges < terms.max:
+            self.push(self.now + terms.after, _HEDGE, request)
+
+    # --- a try ends, or is cancelled ------------------------------------------------
+
+    def end(self, attempt: _Try) -> None:
+        if attempt.over:
+            return  # cancelled: its slot was freed then
+        attempt.over = True
+        now = self.now
+        j = attempt.j
+        self.queues.change(j, now, -1)
+        request = attempt.request
+        elapsed_ms = (now - attempt.began) * 1000
+        if attempt.fails:
+            self.settle(attempt, ok=False, latency_ms=elapsed_ms)
+            if not any(not t.over for t in request.tries):  # the last one standing
+                request.done = True
+                self.errors += 1
+        else:
+            request.done = True
+            self.settle(attempt, ok=True, latency_ms=elapsed_ms)
+            self.latencies.append((now - request.arrived) * 1000)
+            if attempt.hedge:
+                self.wins += 1
+            for other in request.tries:
+                if not other.over:
+                    self.cancel(other)
+        self.free_slot(j)
+
+    def cancel(self, attempt: _Try) -> None:
+        """A loser of the race leaves its backend's queue, or stops being
+        served: its slot is free at once. No blame, no latency sample."""
+        attempt.over = True
+        self.queues.change(attempt.j, self.now, -1)
+        self.settle(attempt, ok=True, latency_ms=None)
+        if attempt.serving:
+            self.free_slot(attempt.j)
+
+    def settle(self, attempt: _Try, *, ok: bool, latency_ms: float | None) -> None:
+        pool = attempt.request.pool
+        self.release(pool, attempt.backend, ok=ok, latency_ms=latency_ms)
+        if attempt.hedge:
+            pool.release_retry()
+
+    def release(self, pool: Pool, backend: Backend, *, ok: bool, latency_ms: float | None) -> None:
+        pool.release(backend, ok=ok, latency_ms=latency_ms)
+        while self.ready:  # the pool's queue handed out the place
+            request = self.ready.pop(0)
+            waiter, request.waiter = request.waiter, None
+            assert waiter is not None and waiter.backend is not None
+            self.begin(request, waiter.backend, hedge=False)
+
+    def free_slot(self, j: int) -> None:
+        waiting = self.waiting[j]
+        while waiting:
+            attempt = waiting.popleft()
+            if not attempt.over:
+                self.serve(attempt)
+                return
+        self.free[j] += 1
 
 
 def simulate(
@@ -345,116 +702,30 @@ def simulate(
     count = scenario.balancers if balancers is None else balancers
     if count < 1:
         raise ValueError(f"balancers: must be a positive integer, got {count!r}")
-    now = 0.0
-
-    def clock() -> float:
-        return now
-
-    rng = random.Random(seed)
-    # The split has its own stream, so that the arrivals and service times
-    # are the same whatever the number of balancers: a comparison of 1 and
-    # N balancers differs by the balancing only (common random numbers).
-    split = random.Random(f"{seed}/balancers").random
-    options = scenario.algorithm_options.get(algorithm.name, {})
-    # Balancer 0 seeds its algorithm as a lone balancer always did.
-    pools = [
-        _pool(scenario, construct(algorithm, options, clock, seed + 1 + k), clock)
-        for k in range(count)
-    ]
-    models = scenario.backends
-    server = {b: j for pool in pools for j, b in enumerate(pool.backends)}
-    owner = {b: pool for pool in pools for b in pool.backends}
-    samplers = [_sampler(model, rng) for model in models]
-    gray = [model.slow_share > 0 for model in models]
-    free = [model.slots for model in models]
-    waiting: list[deque[tuple[Backend, float, float, bool]]] = [deque() for _ in models]
-    queues = _QueueLengths(len(models))
-    arrivals = _Arrivals(_base_rate(scenario, load), scenario.phases, rng)
-    make_request = _request_maker(scenario, rng)
-    served = [0] * len(models)
-    latencies: list[float] = []
-    errors = 0
-    # (time, sequence, backend or None for an arrival, arrived at, failed)
-    events: list[tuple[float, int, Backend | None, float, bool]] = [
-        (arrivals.after(0.0), 0, None, 0.0, False)
-    ]
-    sequence = 1
-    arrived = 0
-
-    def start(backend: Backend, j: int, arrived_at: float, service: float, fails: bool) -> None:
-        nonlocal sequence
-        if gray[j] and models[j].slow_at(now):
-            service *= models[j].slow_factor
-        heapq.heappush(events, (now + service, sequence, backend, arrived_at, fails))
-        sequence += 1
-
-    while events:
-        now, _, backend, started, failed = heapq.heappop(events)
-        if backend is None:  # an arrival
-            arrived += 1
-            if arrived < requests:
-                heapq.heappush(events, (arrivals.after(now), sequence, None, 0.0, False))
-                sequence += 1
-            else:
-                queues.stop(now)
-            request = make_request()
-            pool = pools[int(split() * count)] if count > 1 else pools[0]
-            try:
-                chosen = pool.acquire(request)
-            except NoEligibleBackend:
-                errors += 1
-                continue
-            j = server[chosen]
-            served[j] += 1
-            queues.change(j, now, 1)
-            model = models[j]
-            fails = model.failure_rate > 0 and rng.random() < model.failure_rate
-            service = model.failure_latency_ms / 1000 if fails else samplers[j]()
-            if free[j]:
-                free[j] -= 1
-                start(chosen, j, now, service, fails)
-            else:
-                waiting[j].append((chosen, now, service, fails))
-            continue
-        # a request ends on ``backend``
-        j = server[backend]
-        queues.change(j, now, -1)
-        elapsed_ms = (now - started) * 1000
-        owner[backend].release(backend, ok=not failed, latency_ms=elapsed_ms)
-        if failed:
-            errors += 1
-        else:
-            latencies.append(elapsed_ms)
-        if waiting[j]:
-            chosen, queued_at, service, fails = waiting[j].popleft()
-            start(chosen, j, queued_at, service, fails)
-        else:
-            free[j] += 1
-    return _result(latencies, errors, requests, models, served, queues)
+    return _Run(scenario, algorithm, requests, load, seed, count).go()
 
 
-def _result(
-    latencies: list[float],
-    errors: int,
-    requests: int,
-    models: Sequence[BackendModel],
-    served: Sequence[int],
-    queues: _QueueLengths,
-) -> Result:
+def _result(run: _Run) -> Result:
+    latencies = run.latencies
     latencies.sort()
-    total = sum(served) or 1
-    share = {model.name: count / total for model, count in zip(models, served, strict=True)}
+    total = sum(run.served) or 1
+    share = {m.name: count / total for m, count in zip(run.models, run.served, strict=True)}
     mean_share = 1 / len(share)
+    hedging = run.terms is not None
     return Result(
         p50_ms=percentile(latencies, 0.50) or 0.0,
         p95_ms=percentile(latencies, 0.95) or 0.0,
         p99_ms=percentile(latencies, 0.99) or 0.0,
         mean_ms=sum(latencies) / len(latencies) if latencies else 0.0,
-        error_rate=errors / requests,
+        error_rate=run.errors / run.requests,
         share=share,
         max_share_ratio=max(share.values()) / mean_share,
-        queue_tail=queues.tail(),
-        max_queue=queues.most,
+        queue_tail=run.queues.tail(),
+        max_queue=run.queues.most,
+        hedge_share=run.hedged / run.requests if hedging else None,
+        hedge_wins=run.wins / (run.hedged or 1) if hedging else None,
+        rejected=run.rejected / run.requests,
+        limits=tuple(run.limits) if run.adaptive is not None else None,
     )
 
 
@@ -466,19 +737,31 @@ def run(
     load: float | None = None,
     seed: int = 1,
     balancers: int | None = None,
+    hedge: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Every algorithm on ``scenario``: the ``--json`` document of the
-    command, with ``"balancers"`` when there are several."""
+    command, with ``"balancers"`` when there are several.
+
+    ``hedge`` (``{"after": 0.05, "max": 1}``): each algorithm twice, side
+    by side, as ``NAME`` (the scenario's pool settings) and ``NAME+hedge``
+    (the same with these hedge terms), on the same arrivals and service
+    times."""
     count = scenario.balancers if balancers is None else balancers
+    variants = [("", scenario)]
+    if hedge is not None:
+        variants.append(("+hedge", replace(scenario, hedge=hedge)))
     results = {
-        name: simulate(
-            scenario, cls, requests=requests, load=load, seed=seed, balancers=count
+        name + suffix: simulate(
+            model, cls, requests=requests, load=load, seed=seed, balancers=count
         ).as_dict()
         for name, cls in algorithms.items()
+        for suffix, model in variants
     }
     report: dict[str, Any] = {"scenario": scenario.name, "seed": seed, "requests": requests}
     if count != 1:
         report["balancers"] = count
+    if hedge is not None:
+        report["hedge"] = dict(HedgeConfig.model_validate(hedge).model_dump())
     report["algorithms"] = results
     return report
 
@@ -575,6 +858,10 @@ class ScenarioFile(Schema):
     backends: list[BackendTable]
     algorithms: dict[str, dict[str, Any]] = {}
     outlier_detection: OutlierDetectionConfig | None = None
+    hedge: HedgeConfig | None = None
+    adaptive_concurrency: AdaptiveConcurrencyConfig | None = None
+    max_pending: NonNegativeInt = 0
+    queue_timeout: Duration = 1.0
 
     @field_validator("phases")
     @classmethod
@@ -605,6 +892,8 @@ nest(
     backends=("list", BackendTable),
     phases=("list", PhaseTable),
     outlier_detection=("one", OutlierDetectionConfig),
+    hedge=("one", HedgeConfig),
+    adaptive_concurrency=("one", AdaptiveConcurrencyConfig),
 )
 
 
@@ -637,6 +926,15 @@ def load_scenario(path: str | Path) -> Scenario:
     key = "header:X-User"
     [outlier_detection]
     consecutive_failures = 5
+    [hedge]                      # the pool settings of section 16, as in [pools.NAME]
+    after = 0.05
+    max = 1
+    [adaptive_concurrency]
+    min_limit = 4
+    max_limit = 1000
+    window = 1
+    # max_pending = 200          # section 11's queue, for requests over the limit
+    # queue_timeout = 2
     """
     path = Path(path)
     try:
@@ -661,6 +959,7 @@ def load_scenario(path: str | Path) -> Scenario:
         for i, table in enumerate(scenario.backends)
     )
     outlier = scenario.outlier_detection
+    hedge, adaptive = scenario.hedge, scenario.adaptive_concurrency
     return Scenario(
         name=scenario.name or path.stem,
         description=scenario.description or f"from {path.name}",
@@ -671,6 +970,10 @@ def load_scenario(path: str | Path) -> Scenario:
         outlier_detection=None if outlier is None else outlier.model_dump(),
         balancers=scenario.balancers,
         phases=phases,
+        hedge=None if hedge is None else hedge.model_dump(),
+        adaptive_concurrency=None if adaptive is None else adaptive.model_dump(),
+        max_pending=scenario.max_pending,
+        queue_timeout=scenario.queue_timeout,
     )
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import struct
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -360,3 +362,158 @@ def test_the_command_knows_every_scenario_and_several_balancers() -> None:
     assert "4 balancers" in table.output.splitlines()[0]
     refused = CliRunner().invoke(cli, [*args[:3], "--balancers", "0"])
     assert refused.exit_code == 2 and "--balancers" in refused.output
+
+
+# --- section 16: hedge and adaptive_concurrency -------------------------------------
+
+
+def test_a_hedge_wins_and_its_loser_frees_the_slow_backend_at_once() -> None:
+    # Constant service: "fast" 10 ms, "slow" 200 ms, one slot each, random
+    # (round robin's turn would move on the hedges' picks too), 12 requests
+    # a second. Every request on "slow" is hedged onto "fast" at 50 ms and
+    # answered at about 60 ms; the loser is cancelled then, so "slow" is
+    # busy 60 ms a request, not 200: without that it would get 6 x 0.2 s of
+    # work a second and its queue would grow for good. Measured (seeds 1-3):
+    # p99 69.0-69.1 ms, at most 5-6 requests on a backend.
+    pair = Scenario(
+        "pair",
+        "a fast and a slow backend",
+        (
+            BackendModel("fast", slots=1, distribution="constant"),
+            BackendModel("slow", slots=1, latency_ms=200.0, distribution="constant"),
+        ),
+        hedge={"after": 0.05, "max": 1},
+    )
+    capacity = 100 + 5
+    result = simulate(pair, ALGORITHMS["random"], requests=20_000, load=12 / capacity)
+    assert result.hedge_share == pytest.approx(0.5, abs=0.03)
+    assert result.share["slow"] == pytest.approx(1 / 3, abs=0.02)  # a half, and its hedges
+    assert result.hedge_wins is not None and result.hedge_wins > 0.99
+    assert result.p99_ms < 75.0  # 60 ms and a little waiting, never 200
+    assert result.max_queue <= 6
+    assert result.error_rate == 0
+
+
+def test_hedging_cuts_the_slow_backend_tail_at_a_bounded_extra_share() -> None:
+    # Measured (seeds 1-6, 30,000 requests): least_connections' p99 in
+    # slow-backend 130-136 ms, with hedge after 50 ms 63-65 ms (0.46-0.49x),
+    # at 4.8-5.0 % extra requests, the hedge answering first 83-86 % of the time.
+    hedged = replace(SCENARIOS["slow-backend"], hedge={"after": 0.05, "max": 1})
+    for seed in (1, 2):
+        plain = simulate(
+            SCENARIOS["slow-backend"], ALGORITHMS["least_connections"], requests=30_000, seed=seed
+        )
+        with_hedge = simulate(hedged, ALGORITHMS["least_connections"], requests=30_000, seed=seed)
+        assert with_hedge.p99_ms < 0.55 * plain.p99_ms
+        assert with_hedge.hedge_share is not None and with_hedge.hedge_share < 0.055
+        assert with_hedge.hedge_wins is not None and with_hedge.hedge_wins > 0.75
+
+
+def test_cancelled_losers_hide_the_slow_backend_from_p2c() -> None:
+    # A loser is released without a latency sample (as the engine's
+    # hedge_won does), so the slow backend's average hears mostly of the
+    # tries it won: p2c sends it several times more, and with after above
+    # p2c's own p99 (52 ms) hedging makes its p99 worse, not better.
+    hedged = replace(SCENARIOS["slow-backend"], hedge={"after": 0.05, "max": 1})
+    plain = simulate(SCENARIOS["slow-backend"], ALGORITHMS["p2c"], requests=30_000)
+    with_hedge = simulate(hedged, ALGORITHMS["p2c"], requests=30_000)
+    assert with_hedge.share["b5"] > 3 * plain.share["b5"]
+    assert with_hedge.p99_ms > plain.p99_ms
+
+
+def test_with_and_without_hedging_side_by_side() -> None:
+    chosen = {n: ALGORITHMS[n] for n in ("round_robin", "p2c")}
+    report = run(SCENARIOS["slow-backend"], chosen, requests=3000, hedge={"after": 0.03})
+    assert report["hedge"] == {"after": 0.03, "max": 1}
+    assert list(report["algorithms"]) == ["round_robin", "round_robin+hedge", "p2c", "p2c+hedge"]
+    plain = run(SCENARIOS["slow-backend"], chosen, requests=3000)["algorithms"]
+    assert report["algorithms"]["p2c"] == plain["p2c"], "the plain column is the usual run"
+    assert "hedge_share" not in plain["p2c"]
+    hedged = report["algorithms"]["round_robin+hedge"]
+    assert 0 < hedged["hedge_share"] < 0.5 and 0 < hedged["hedge_wins"] <= 1
+    assert hedged["p99_ms"] < plain["round_robin"]["p99_ms"] / 10
+
+
+def _limit_moves(limits: Sequence[tuple[float, int]], low: int) -> tuple[int, int]:
+    """How often the limit fell and rose, leaving out the minimum-RTT
+    measurements (a drop to ``low`` and the climb back from it)."""
+    pairs = list(itertools.pairwise(limits))
+    falls = sum(1 for (_, a), (_, b) in pairs if low < b < a)
+    rises = sum(1 for (_, a), (_, b) in pairs if low < a < b)
+    return falls, rises
+
+
+def test_the_adaptive_limit_moves_with_bursts_and_sheds_them() -> None:
+    # Measured (seeds 1-6, 30,000 requests, window 0.5 s): the limit fell
+    # 18-20 times and rose 13-22 times outside the minimum-RTT measurements;
+    # 9-14 % of requests got a 503; p99 173-222 ms without, 52-57 ms with.
+    limited = replace(
+        SCENARIOS["bursty"], adaptive_concurrency={"min_limit": 4, "max_limit": 1000, "window": 0.5}
+    )
+    for seed in (1, 2):
+        plain = simulate(SCENARIOS["bursty"], ALGORITHMS["p2c"], requests=30_000, seed=seed)
+        result = simulate(limited, ALGORITHMS["p2c"], requests=30_000, seed=seed)
+        assert result.limits is not None
+        falls, rises = _limit_moves(result.limits, 4)
+        assert falls >= 10 and rises >= 10
+        assert 0.05 < result.rejected < 0.2
+        assert result.error_rate == result.rejected, "bursty has no failures: all are 503s"
+        assert result.p99_ms < 0.4 * plain.p99_ms
+        shape = result.as_dict()["concurrency_limit"]
+        assert shape["min"] == 4 and shape["max"] > 20 and shape["changes"] >= 20
+
+
+def test_the_queue_takes_requests_over_the_adaptive_limit() -> None:
+    # Section 11's queue: those over the limit wait for a place (up to
+    # queue_timeout) instead of a 503 at once.
+    limited = replace(
+        SCENARIOS["bursty"], adaptive_concurrency={"min_limit": 4, "max_limit": 1000, "window": 0.5}
+    )
+    shed = simulate(limited, ALGORITHMS["p2c"], requests=30_000)
+    queued = simulate(
+        replace(limited, max_pending=200, queue_timeout=2.0), ALGORITHMS["p2c"], requests=30_000
+    )
+    assert queued.rejected < 0.5 * shed.rejected
+    assert queued.p50_ms > shed.p50_ms, "the wait is in the latency"
+
+
+def test_a_scenario_file_with_section_16_keys(tmp_path: Path) -> None:
+    scenario = tmp_path / "fleet.toml"
+    scenario.write_text(
+        "max_pending = 50\nqueue_timeout = 0.5\n"
+        "[hedge]\nafter = 0.03\nmax = 2\n"
+        "[adaptive_concurrency]\nmin_limit = 2\nmax_limit = 64\n"
+        '[[backends]]\nname = "a"\n[[backends]]\nname = "b"\nlatency_ms = 100\n'
+    )
+    loaded = load_scenario(scenario)
+    assert loaded.hedge == {"after": 0.03, "max": 2}
+    assert loaded.adaptive_concurrency == {"min_limit": 2, "max_limit": 64, "window": 1.0}
+    assert (loaded.max_pending, loaded.queue_timeout) == (50, 0.5)
+    code, out, err = invoke(
+        "--scenario-file", str(scenario), "--requests", "3000", "--algorithms", "p2c", "--json"
+    )
+    assert code == 0, err
+    result = json.loads(out)["algorithms"]["p2c"]
+    assert {"hedge_share", "hedge_wins", "rejected", "concurrency_limit"} <= set(result)
+    assert result["concurrency_limit"]["max"] <= 64
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param("[hedge]\nafter = -1", "hedge.after: ", id="negative-after"),
+        pytest.param("[hedge]\nmax = 0", "hedge.max: must be a positive integer", id="zero-max"),
+        pytest.param(
+            "[adaptive_concurrency]\nmin_limit = 10\nmax_limit = 5",
+            "adaptive_concurrency.max_limit: must be at least min_limit (10), got 5",
+            id="min-over-max",
+        ),
+        pytest.param("max_pending = -1", "max_pending: ", id="negative-queue"),
+    ],
+)
+def test_section_16_scenario_keys_are_checked(tmp_path: Path, text: str, expected: str) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(f"{text}\n[[backends]]\n")
+    with pytest.raises(ConfigError) as caught:
+        load_scenario(bad)
+    assert f"bad.toml: {expected}" in str(caught.value)
