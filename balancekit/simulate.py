@@ -45,11 +45,21 @@ The pool settings of section 16 run through the real Pool as well:
   A request over it finds the pool full: it waits in section 11's queue
   (``max_pending``, ``queue_timeout``) when the scenario has one, else it
   is a 503 at once; both count in ``error_rate`` and in ``rejected``.
+- ``prequal`` (any algorithm with ``send_probe`` and ``record_probe``):
+  its probes, sent at its own ``probe_rate`` from its pick, are answered
+  at once with what the backend's ``LoadReportMiddleware`` would say at
+  that moment: the requests it holds (queued or served, from every
+  balancer) and an EWMA (alpha 0.1) of their time there, fed when one
+  ends (a cancelled hedge's loser feeds none). Each balancer has its own
+  probes, so unlike least_connections' counts they see the whole load; a
+  real probe's round trip is not modelled. Its reuse and age rules are
+  the algorithm's own, on the simulated clock.
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
 import heapq
 import math
 import random
@@ -79,6 +89,7 @@ from ._exceptions import ConfigError, NoEligibleBackend, Problem
 from ._plugins import build_plugin
 from ._pool import Pool, Waiter
 from ._request import RequestInfo
+from .load_report import DEFAULT_ALPHA
 
 #: Distinct client addresses requests come from (the hash algorithms' key).
 CLIENTS = 1000
@@ -436,6 +447,17 @@ class _Try:
 
 
 _ARRIVE, _END, _HEDGE, _GIVE_UP = range(4)
+#: The backends' latency average (``load_report.DEFAULT_ALPHA``).
+REPORT_ALPHA = DEFAULT_ALPHA
+
+
+def _answer_probes(algorithm: Any, run: _Run) -> None:
+    # An algorithm that probes backends (prequal) has its one probing
+    # method replaced: the answer is the backend's state at that moment.
+    if callable(getattr(algorithm, "send_probe", None)) and callable(
+        getattr(algorithm, "record_probe", None)
+    ):
+        algorithm.send_probe = functools.partial(run.probe, algorithm)
 
 
 class _Run:
@@ -474,6 +496,14 @@ class _Run:
         ]
         self.models = models = scenario.backends
         self.server = {b: j for pool in self.pools for j, b in enumerate(pool.backends)}
+        #: What a backend's LoadReportMiddleware would report: the requests
+        #: it holds (queued or served, from every balancer) and an EWMA of
+        #: their time there.
+        self.held = [0] * len(models)
+        self.report_ms = [0.0] * len(models)
+        self.reported = [False] * len(models)
+        for pool in self.pools:
+            _answer_probes(pool.algorithm, self)
         self.samplers = [_sampler(model, rng) for model in models]
         self.hedge_samplers = [_sampler(model, self.hedge_rng) for model in models]
         self.gray = [model.slow_share > 0 for model in models]
@@ -573,6 +603,7 @@ class _Run:
     def begin(self, request: _Request, backend: Backend, *, hedge: bool) -> None:
         j = self.server[backend]
         self.served[j] += 1
+        self.held[j] += 1
         self.queues.change(j, self.now, 1)
         model = self.models[j]
         attempt = _Try(request, backend, j, self.now, hedge)
@@ -639,6 +670,7 @@ class _Run:
         self.queues.change(j, now, -1)
         request = attempt.request
         elapsed_ms = (now - attempt.began) * 1000
+        self.report(j, elapsed_ms, failed=attempt.fails)
         if attempt.fails:
             self.settle(attempt, ok=False, latency_ms=elapsed_ms)
             if not any(not t.over for t in request.tries):  # the last one standing
@@ -659,10 +691,25 @@ class _Run:
         """A loser of the race leaves its backend's queue, or stops being
         served: its slot is free at once. No blame, no latency sample."""
         attempt.over = True
+        self.held[attempt.j] -= 1  # the backend stops it: no latency sample
         self.queues.change(attempt.j, self.now, -1)
         self.settle(attempt, ok=True, latency_ms=None)
         if attempt.serving:
             self.free_slot(attempt.j)
+
+    def report(self, j: int, elapsed_ms: float, *, failed: bool) -> None:
+        # LoadTracker.end: a failure feeds the average only when it raises it.
+        self.held[j] -= 1
+        old = self.report_ms[j]
+        if not self.reported[j]:
+            self.report_ms[j], self.reported[j] = elapsed_ms, True
+        elif not failed or elapsed_ms > old:
+            self.report_ms[j] = old + REPORT_ALPHA * (elapsed_ms - old)
+
+    def probe(self, algorithm: Any, backend: Backend) -> None:
+        """A probe of ``backend``, answered at once with its true state."""
+        j = self.server[backend]
+        algorithm.record_probe(backend, self.held[j], self.report_ms[j], at=self.now)
 
     def settle(self, attempt: _Try, *, ok: bool, latency_ms: float | None) -> None:
         pool = attempt.request.pool
