@@ -66,6 +66,7 @@ def test_builtins_are_registered_through_the_hooks() -> None:
         "least_connections",
         "least_response_time",
         "p2c",
+        "prequal",
         "consistent_hash",
         "maglev",
         "first",

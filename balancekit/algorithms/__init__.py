@@ -12,6 +12,7 @@ from .least_connections import LeastConnections
 from .least_response_time import LeastResponseTime
 from .maglev import Maglev
 from .p2c import PowerOfTwoChoices
+from .prequal import Prequal
 from .random import Random
 from .round_robin import RoundRobin
 from .weighted_random import WeightedRandom
@@ -25,6 +26,7 @@ __all__ = [
     "LeastResponseTime",
     "Maglev",
     "PowerOfTwoChoices",
+    "Prequal",
     "Random",
     "RoundRobin",
     "WeightedRandom",
@@ -42,6 +44,7 @@ def balancekit_register_algorithms() -> list[type[Any]]:
         LeastConnections,
         LeastResponseTime,
         PowerOfTwoChoices,
+        Prequal,
         ConsistentHash,
         Maglev,
         First,
