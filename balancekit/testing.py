@@ -47,9 +47,11 @@ class AlgorithmCheckFailed(AssertionError):
 
 
 def make_backends(count: int, *, weights: Sequence[int] | None = None) -> list[Backend]:
-    """``count`` backends on made-up addresses, with ``weights`` if given."""
+    """``count`` backends on made-up loopback addresses (an algorithm that
+    probes its backends, as ``prequal`` does, reaches nothing beyond this
+    host), with ``weights`` if given."""
     weights = weights or [1] * count
-    return [Backend(f"http://10.99.0.{i + 1}:8080", weights[i]) for i in range(count)]
+    return [Backend(f"http://127.99.0.{i + 1}:8080", weights[i]) for i in range(count)]
 
 
 def make_request(

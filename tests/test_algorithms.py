@@ -25,7 +25,7 @@ REQUEST = RequestInfo("GET", "/")
 
 
 def backends(*weights: int) -> list[Backend]:
-    return [Backend(f"http://10.0.0.{i}:80", w) for i, w in enumerate(weights, start=1)]
+    return [Backend(f"http://127.0.0.{i}:80", w) for i, w in enumerate(weights, start=1)]
 
 
 def names(picks: list[Backend], pool: list[Backend]) -> str:

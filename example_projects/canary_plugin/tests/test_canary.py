@@ -44,7 +44,7 @@ def test_falls_back_when_one_side_has_no_eligible_backend() -> None:
 
 def test_canaries_match_backends_written_with_a_slash_or_capitals() -> None:
     backends = make_backends(2)
-    written = "HTTP" + backends[1].url.removeprefix("http") + "/"  # HTTP://10.99.0.2:8080/
+    written = "HTTP" + backends[1].url.removeprefix("http") + "/"  # HTTP://127.99.0.2:8080/
     algorithm = HeaderCanary(canaries=[written])
     assert algorithm.pick(backends, make_request(headers={"X-Canary": "yes"})) is backends[1]
 
