@@ -63,6 +63,7 @@ def raise_if_cancelled() -> None:
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
 
+
 CHANNEL = "balancekit:changes"
 #: Seconds between full re-reads of the shared runtime state.
 RECONCILE_INTERVAL = 2.0
