@@ -59,6 +59,9 @@ _Key = tuple[str, int, "UpstreamTLS | bool"]
 
 IDLE_PER_BACKEND = 100
 IDLE_SECONDS = 30.0
+#: How long aclose() lets closed connections finish their goodbye (a TLS
+#: close_notify each way) before it drops them.
+CLOSE_SECONDS = 1.0
 #: Unread upstream bytes at which the socket stops being read.
 READ_BUFFER = 256 * 1024
 
@@ -94,6 +97,9 @@ class _Connection(asyncio.BufferedProtocol):
         self._reset()
         self._drained: asyncio.Future[None] | None = None
         self._paused_writing = False
+        #: Done when the socket is closed: after close(), a TLS connection
+        #: still exchanges close_notify with the backend.
+        self.lost: asyncio.Future[None] = loop.create_future()
 
     def _reset(self) -> None:
         self.head: asyncio.Future[None] = self.loop.create_future()
@@ -148,6 +154,8 @@ class _Connection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if not self.lost.done():
+            self.lost.set_result(None)
         if self.active and not self.complete:
             if not self.got_bytes and self.reused:
                 self._fail(_Stale())
@@ -336,6 +344,8 @@ class HttptoolsTransport:
     def __init__(self) -> None:
         # One transport serves one event loop (an engine's, a health check's).
         self._idle: dict[_Key, collections.deque[_Connection]] = {}
+        # Every connection until its socket is closed, for aclose().
+        self._open: set[_Connection] = set()
         self._tls: ssl.SSLContext | None = None
         self._read_buffer = memoryview(bytearray(READ_SIZE))
 
@@ -375,6 +385,8 @@ class HttptoolsTransport:
             raise UpstreamTimeout.connecting() from None
         except (OSError, ssl.SSLError) as exc:
             raise UpstreamConnectError() from exc
+        self._open.add(conn)
+        conn.lost.add_done_callback(lambda _: self._open.discard(conn))
         return conn
 
     async def send(
@@ -478,6 +490,18 @@ class HttptoolsTransport:
             while pooled:
                 pooled.pop().close()
         self._idle.clear()
+        # A closed TLS connection finishes its goodbye in the loop: wait for
+        # it (briefly), so that none is left half-open when the loop ends
+        # (``asyncio.run`` right after a health check), then drop the rest.
+        closing = [conn for conn in self._open if conn.closed]
+        if closing:
+            await asyncio.wait([conn.lost for conn in closing], timeout=CLOSE_SECONDS)
+        late = [conn for conn in closing if not conn.lost.done()]
+        for conn in late:
+            if conn.transport is not None:
+                conn.transport.abort()
+        if late:
+            await asyncio.sleep(0)  # the loop closes an aborted socket on its next turn
 
 
 def _request_head(
