@@ -451,13 +451,16 @@ _ARRIVE, _END, _HEDGE, _GIVE_UP = range(4)
 REPORT_ALPHA = DEFAULT_ALPHA
 
 
-def _answer_probes(algorithm: Any, run: _Run) -> None:
+def _answer_probes(algorithm: Any, run: _Run) -> bool:
     # An algorithm that probes backends (prequal) has its one probing
     # method replaced: the answer is the backend's state at that moment.
-    if callable(getattr(algorithm, "send_probe", None)) and callable(
-        getattr(algorithm, "record_probe", None)
+    if not (
+        callable(getattr(algorithm, "send_probe", None))
+        and callable(getattr(algorithm, "record_probe", None))
     ):
-        algorithm.send_probe = functools.partial(run.probe, algorithm)
+        return False
+    algorithm.send_probe = functools.partial(run.probe, algorithm)
+    return True
 
 
 class _Run:
@@ -502,8 +505,10 @@ class _Run:
         self.held = [0] * len(models)
         self.report_ms = [0.0] * len(models)
         self.reported = [False] * len(models)
+        #: Whether an algorithm probes (prequal): the reports are kept then.
+        self.probed = False
         for pool in self.pools:
-            _answer_probes(pool.algorithm, self)
+            self.probed |= _answer_probes(pool.algorithm, self)
         self.samplers = [_sampler(model, rng) for model in models]
         self.hedge_samplers = [_sampler(model, self.hedge_rng) for model in models]
         self.gray = [model.slow_share > 0 for model in models]
@@ -621,14 +626,16 @@ class _Run:
             self.waiting[j].append(attempt)
         terms = self.terms
         if terms is not None and not hedge:
-            self.push(self.now + terms.after, _HEDGE, request)
+            heapq.heappush(self.events, (self.now + terms.after, self.sequence, _HEDGE, request))
+            self.sequence += 1
 
     def serve(self, attempt: _Try) -> None:
         j = attempt.j
         if self.gray[j] and self.models[j].slow_at(self.now):
             attempt.service *= self.models[j].slow_factor
         attempt.serving = True
-        self.push(self.now + attempt.service, _END, attempt)
+        heapq.heappush(self.events, (self.now + attempt.service, self.sequence, _END, attempt))
+        self.sequence += 1
 
     # --- hedging: as Attempts.hedge_next / hedge_won / hedge_end --------------------
 
@@ -670,7 +677,9 @@ class _Run:
         self.queues.change(j, now, -1)
         request = attempt.request
         elapsed_ms = (now - attempt.began) * 1000
-        self.report(j, elapsed_ms, failed=attempt.fails)
+        self.held[j] -= 1
+        if self.probed:
+            self.report(j, elapsed_ms, failed=attempt.fails)
         if attempt.fails:
             self.settle(attempt, ok=False, latency_ms=elapsed_ms)
             if not any(not t.over for t in request.tries):  # the last one standing
@@ -699,7 +708,6 @@ class _Run:
 
     def report(self, j: int, elapsed_ms: float, *, failed: bool) -> None:
         # LoadTracker.end: a failure feeds the average only when it raises it.
-        self.held[j] -= 1
         old = self.report_ms[j]
         if not self.reported[j]:
             self.report_ms[j], self.reported[j] = elapsed_ms, True
