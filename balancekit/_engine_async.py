@@ -92,6 +92,33 @@ class RequestBody(RequestBodyBase):
                 yield chunk
 
 
+class Taken:
+    """An exchange the lean server's fast path began and hands over to the
+    coroutine path (see ``balancekit._fastpath``): its ``attempts``, and
+    either the ``backend`` picked for a try not yet sent (no warm
+    connection to it; a kept-alive one found closed before the request
+    went), or the ``failure`` of the try that was sent (``settled``: already
+    released as failed, and not to be retried: only the problem is left to
+    answer); ``started``, its arrival for the access log."""
+
+    __slots__ = ("attempts", "backend", "failure", "settled", "started")
+
+    def __init__(
+        self,
+        attempts: Attempts,
+        backend: Backend | None,
+        failure: ProxyError | None,
+        started: float,
+        *,
+        settled: bool = False,
+    ) -> None:
+        self.attempts = attempts
+        self.backend = backend
+        self.failure = failure
+        self.started = started
+        self.settled = settled
+
+
 class AsyncEngine:
     """Proxies routed requests of one event loop through one transport.
 
@@ -148,6 +175,10 @@ class AsyncEngine:
             await proxy_websocket(self._ws_transport, routed, scope, receive, send)
             return
         await _Exchange(self, routed, receive, send).run()
+
+    async def take_over(self, routed: Routed, receive: Receive, send: Send, taken: Taken) -> None:
+        """Go on with an exchange the fast path began (see :class:`Taken`)."""
+        await _Exchange(self, routed, receive, send).run(taken)
 
 
 def _wake(future: asyncio.Future[None]) -> None:
@@ -225,11 +256,15 @@ class _Exchange:
 
     # --- the exchange -------------------------------------------------------------
 
-    async def run(self) -> None:
+    async def run(self, taken: Taken | None = None) -> None:
+        """Proxy the request; ``taken`` is what the lean server's fast path
+        had done when it handed the exchange over (see ``Taken``)."""
+        if taken is not None and taken.started:
+            self.started = taken.started
         if self.body is None:
             self._watch_disconnect()
         try:
-            await self._run()
+            await self._run(taken)
         except asyncio.CancelledError:
             if not self.disconnected or self.task is None:
                 raise
@@ -259,33 +294,50 @@ class _Exchange:
                     disconnected=self.disconnected,
                 )
 
-    async def _run(self) -> None:
+    async def _run(self, taken: Taken | None) -> None:
         routed = self.routed
         pool = self.pool
         body = self.body
-        if body is not None and pool.config.request_buffer:
-            await body.buffer(pool.config.request_buffer)
-        persistence = pool.persistence
-        pinned = None if persistence is None else await persistence.afind(self.request, pool)
-        attempts = self.attempts = Attempts(
-            pool,
-            self.request,
-            pinned,
-            timeouts=routed.timeouts,
-            retries=routed.retries,
-            tracing=routed.tracing,
-            target=self.target,
-        )
-        try:
-            while True:
+        backend: Backend | None = None
+        failure: ProxyError | None = None
+        if taken is not None:
+            attempts = self.attempts = taken.attempts
+            backend, failure = taken.backend, taken.failure
+            if failure is not None and taken.settled:
                 try:
-                    backend = attempts.next()
-                except NoEligibleBackend as full:
+                    await self._problem(failure)
+                finally:
+                    attempts.close(ok=self.disconnected)
+                return
+        else:
+            if body is not None and pool.config.request_buffer:
+                await body.buffer(pool.config.request_buffer)
+            persistence = pool.persistence
+            pinned = None if persistence is None else await persistence.afind(self.request, pool)
+            attempts = self.attempts = Attempts(
+                pool,
+                self.request,
+                pinned,
+                timeouts=routed.timeouts,
+                retries=routed.retries,
+                tracing=routed.tracing,
+                target=self.target,
+            )
+        try:
+            if failure is not None:  # the fast path's try failed before a head
+                if not await self._failed(attempts, failure):
+                    return
+                backend = None
+            while True:
+                if backend is None:
                     try:
-                        backend = await self._queue(attempts, full)
-                    except ProxyError as exc:  # no place, or none came free
-                        await self._problem(exc)
-                        return
+                        backend = attempts.next()
+                    except NoEligibleBackend as full:
+                        try:
+                            backend = await self._queue(attempts, full)
+                        except ProxyError as exc:  # no place, or none came free
+                            await self._problem(exc)
+                            return
                 try:
                     if attempts.deadline or attempts.span is not None or attempts.hedge:
                         response = await self._send_with_terms(attempts, backend)
@@ -302,16 +354,12 @@ class _Exchange:
                     self.disconnected = True  # says nothing of the backend
                     return
                 except ProxyError as exc:
-                    exc.pool = pool.name  # the one place a transport's error meets its pool
                     if caused_by_client(exc):
                         self.disconnected = True
                         return
-                    attempts.failed(exc)
-                    if attempts.retry(exc, body_replayable=body is None or body.replayable):
-                        if await self._backoff(attempts):
-                            continue
-                        exc = deadline_passed(pool.name)
-                    await self._problem(exc)
+                    if await self._failed(attempts, exc):
+                        backend = None
+                        continue
                     return
                 status = response.status
                 if not valid_status(status):
@@ -326,6 +374,7 @@ class _Exchange:
                     attempts.answered(status)
                     await response.aclose()
                     if await self._backoff(attempts):
+                        backend = None
                         continue
                     await self._problem(deadline_passed(pool.name))
                     return
@@ -334,6 +383,19 @@ class _Exchange:
         finally:
             # A client that left (or a cancelled task) says nothing of the backend.
             attempts.close(ok=self.disconnected)
+
+    async def _failed(self, attempts: Attempts, error: ProxyError) -> bool:
+        """The current try failed before a response head: whether to try
+        again (after the back-off); if not, the client has its problem."""
+        error.pool = self.pool.name  # the one place a transport's error meets its pool
+        attempts.failed(error)
+        body = self.body
+        if attempts.retry(error, body_replayable=body is None or body.replayable):
+            if await self._backoff(attempts):
+                return True
+            error = deadline_passed(self.pool.name)
+        await self._problem(error)
+        return False
 
     async def _queue(self, attempts: Attempts, full: NoEligibleBackend) -> Backend:
         """Wait in the pool's queue for a backend (see ``Attempts.enqueue``).
@@ -501,4 +563,4 @@ class _Exchange:
         await _respond(self.send, status, headers, body)
 
 
-__all__ = ["AsyncEngine", "RequestBody"]
+__all__ = ["AsyncEngine", "RequestBody", "Taken"]

@@ -36,7 +36,9 @@ import collections
 import logging
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from email.utils import formatdate
+from functools import partial
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
@@ -51,6 +53,7 @@ from ._types import Message
 if TYPE_CHECKING:
     from ssl import SSLContext
 
+    from ._fastpath import FastPath, _FastExchange
     from .asgi import BalanceMiddleware
 
 logger = logging.getLogger("balancekit")
@@ -69,7 +72,7 @@ KEEP_ALIVE = 5.0
 KEEP_ALIVE_REQUESTS = 1000
 BODY_BUFFER = 256 * 1024
 
-_STATUS_LINES = {s.value: f"HTTP/1.1 {status_line(s.value)}\r\n".encode() for s in HTTPStatus}
+STATUS_LINES = {s.value: f"HTTP/1.1 {status_line(s.value)}\r\n".encode() for s in HTTPStatus}
 _NO_BODY_STATUS = frozenset({204, 304})
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
 
@@ -101,6 +104,7 @@ class _Cycle:
         "delivered",
         "disconnected",
         "expect_continue",
+        "fast",
         "head",
         "head_request",
         "keep_alive",
@@ -125,6 +129,9 @@ class _Cycle:
         self.waiter: asyncio.Future[None] | None = None
         self.started = False
         self.task: asyncio.Task[None] | None = None
+        #: The exchange moving this request by callbacks, if it takes the
+        #: fast path (balancekit._fastpath), until it ends or hands over.
+        self.fast: _FastExchange | None = None
         self.head = b""
         self.chunked = False
         self.response_done = False
@@ -196,7 +203,7 @@ class _Cycle:
             await conn.drained()
 
     def _head(self, status: int, headers: Any) -> bytes:
-        line = _STATUS_LINES.get(status) or f"HTTP/1.1 {status} \r\n".encode()
+        line = STATUS_LINES.get(status) or f"HTTP/1.1 {status} \r\n".encode()
         parts = [line, self.conn.server.clock.date()]
         length = False
         for name, value in headers:
@@ -207,6 +214,12 @@ class _Cycle:
                     self.keep_alive = False
                 continue
             parts += [name, b": ", value, b"\r\n"]
+        return self.end_head(parts, status, length)
+
+    def end_head(self, parts: list[bytes], status: int, length: bool) -> bytes:
+        """The head from its status line and fields in ``parts``, with the
+        framing and connection fields this response needs; ``length``:
+        whether a Content-Length is among them."""
         if self.conn.server.stopping:
             self.keep_alive = False
         if status in _NO_BODY_STATUS or status < 200:
@@ -283,6 +296,8 @@ class _Connection(asyncio.Protocol):
             if cycle is not None and not cycle.response_done:
                 cycle.disconnected = True
                 cycle.wake()
+                if cycle.fast is not None:
+                    cycle.fast.client_left()
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
 
@@ -341,6 +356,9 @@ class _Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        cycle = self.cycle
+        if cycle is not None and cycle.fast is not None:
+            cycle.fast.resume()
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
 
@@ -481,13 +499,21 @@ class _Connection(asyncio.Protocol):
 
     def _start(self, cycle: _Cycle) -> None:
         self.cycle = cycle
-        task = cycle.task = self.loop.create_task(self._run(cycle))
+        fast = self.server.fast
+        if fast is not None and fast.take(self, cycle):
+            return
+        self.spawn(cycle, partial(self.app, cycle.scope, cycle.receive, cycle.send))
+
+    def spawn(self, cycle: _Cycle, work: Callable[[], Awaitable[None]]) -> None:
+        """Answer ``cycle`` with a task awaiting ``work()`` (the app, or the
+        engine going on with what the fast path began)."""
+        task = cycle.task = self.loop.create_task(self._run(cycle, work))
         self.server.tasks.add(task)
         task.add_done_callback(self.server.tasks.discard)
 
-    async def _run(self, cycle: _Cycle) -> None:
+    async def _run(self, cycle: _Cycle, work: Callable[[], Awaitable[None]]) -> None:
         try:
-            await self.app(cycle.scope, cycle.receive, cycle.send)
+            await work()
         except asyncio.CancelledError:
             self.close()
             raise
@@ -544,10 +570,12 @@ class _Connection(asyncio.Protocol):
                 cycle.wake()
                 if cycle.task is not None:
                     cycle.task.cancel()
+                if cycle.fast is not None:
+                    cycle.fast.client_left()
         if answer:
             # The problem's headers hold the one Connection: close.
             _, headers, body = problem(status, detail, close=True)
-            head = [_STATUS_LINES[status], self.server.clock.date()]
+            head = [STATUS_LINES[status], self.server.clock.date()]
             head += [n + b": " + v + b"\r\n" for n, v in headers]
             self.transport.write(b"".join(head) + b"\r\n" + body)
         self.close()
@@ -597,9 +625,25 @@ class LeanServer:
     """Serves one :class:`~balancekit.asgi.BalanceMiddleware` on sockets."""
 
     def __init__(
-        self, app: BalanceMiddleware, ssl: SSLContext | None = None, *, proxy_protocol: bool = False
+        self,
+        app: BalanceMiddleware,
+        ssl: SSLContext | None = None,
+        *,
+        proxy_protocol: bool = False,
+        fast: bool = True,
     ) -> None:
         self.app = app
+        #: The callback path for the common request (balancekit._fastpath);
+        #: ``fast=False`` sends every request through the app's coroutines.
+        self.fast: FastPath | None = None
+        if fast:
+            from ._fastpath import FastPath
+            from .asgi import BalanceMiddleware
+
+            # Only the middleware itself: a wrapper (the tracing ServerSpan)
+            # must see every request, so it is left the coroutine path.
+            if type(app) is BalanceMiddleware:
+                self.fast = FastPath(app)
         #: A PROXY protocol header (v1 or v2) starts every connection.
         self.proxy_protocol = proxy_protocol
         #: TLS at the edge: the context every connection's handshake uses.
@@ -710,6 +754,8 @@ class LeanServer:
             for conn in list(self.connections):
                 if conn.expired(now):
                     conn.time_out()
+                elif conn.cycle is not None and conn.cycle.fast is not None:
+                    conn.cycle.fast.check_read()
 
     def websocket_protocol(self) -> asyncio.Protocol:
         if self._ws is None:
@@ -727,6 +773,10 @@ class LeanServer:
         )
         return protocol
 
+    def _busy(self) -> bool:
+        # Tasks, and requests the fast path moves without one.
+        return bool(self.tasks) or any(conn.cycle is not None for conn in self.connections)
+
     async def shutdown(self, grace: float = 30.0) -> None:
         """Stop accepting, let in-flight requests finish, then close."""
         self.stopping = True
@@ -738,7 +788,7 @@ class LeanServer:
             if conn.idle():
                 conn.close()
         deadline = time.monotonic() + grace
-        while self.tasks and time.monotonic() < deadline:
+        while self._busy() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
             for conn in list(self.connections):
                 if conn.idle():

@@ -85,9 +85,12 @@ class ServerThread:
 
 class LeanServerThread:
     """``balancekit serve``'s own server (balancekit._server.LeanServer) for
-    a BalanceMiddleware, on its own event loop in a background thread."""
+    a BalanceMiddleware, on its own event loop in a background thread;
+    ``fast=False`` turns its fast path off (every request on coroutines)."""
 
-    def __init__(self, app: Any, *, port: int = 0) -> None:
+    def __init__(self, app: Any, *, port: int = 0, fast: bool = True) -> None:
+        self.fast = fast
+        self.server: Any = None  # the LeanServer, once started
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", port))
@@ -104,7 +107,7 @@ class LeanServerThread:
 
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        server = LeanServer(self.app)
+        server = self.server = LeanServer(self.app, fast=self.fast)
         await server.start([self.sock])
         self.started.set()
         await self._stop.wait()

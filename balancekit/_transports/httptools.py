@@ -34,7 +34,7 @@ import select
 import ssl
 import time
 from collections.abc import AsyncIterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import httptools
 
@@ -72,6 +72,20 @@ class _Stale(Exception):
     """A reused connection died before any byte of an answer."""
 
 
+class Sink(Protocol):
+    """Who takes a connection's answer by callbacks instead of awaiting it
+    (the lean server's fast path): the head, each part of the body and the
+    end, or the error, in that order, each from inside the loop's read."""
+
+    def on_head(self) -> None: ...
+
+    def on_body(self, body: bytes) -> None: ...
+
+    def on_complete(self) -> None: ...
+
+    def on_error(self, error: BaseException) -> None: ...
+
+
 #: Bytes read from an upstream socket at once.
 READ_SIZE = 64 * 1024
 
@@ -94,6 +108,11 @@ class _Connection(asyncio.BufferedProtocol):
         self.closed = False
         self.idle_since = 0.0
         self.reused = False
+        #: Set for one exchange driven by callbacks (see :class:`Sink`).
+        self.sink: Sink | None = None
+        #: The ``head`` of an exchange a sink takes: nobody awaits it.
+        self._no_wait: asyncio.Future[None] = loop.create_future()
+        self._no_wait.set_result(None)
         self._reset()
         self._drained: asyncio.Future[None] | None = None
         self._paused_writing = False
@@ -102,7 +121,9 @@ class _Connection(asyncio.BufferedProtocol):
         self.lost: asyncio.Future[None] = loop.create_future()
 
     def _reset(self) -> None:
-        self.head: asyncio.Future[None] = self.loop.create_future()
+        self.head: asyncio.Future[None] = (
+            self.loop.create_future() if self.sink is None else self._no_wait
+        )
         self.status = 0
         self.headers: RawHeaders = []
         self.chunks: collections.deque[bytes] = collections.deque()
@@ -159,9 +180,11 @@ class _Connection(asyncio.BufferedProtocol):
         if self.active and not self.complete:
             if not self.got_bytes and self.reused:
                 self._fail(_Stale())
-            elif self.head.done() and self._ends_at_close():
+            elif self.status and self._ends_at_close():
                 self.complete = True  # a body delimited by the connection's end
                 self._wake()
+                if self.sink is not None:
+                    self.sink.on_complete()
             else:
                 self._fail(UpstreamError.closed())
         if self._drained is not None and not self._drained.done():
@@ -184,7 +207,7 @@ class _Connection(asyncio.BufferedProtocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         # After the head, httptools reports a chunked body's trailer fields
         # here too: dropped, as aiohttp and httpx drop them.
-        if not self.head.done():
+        if not self.status:
             self.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
@@ -198,11 +221,16 @@ class _Connection(asyncio.BufferedProtocol):
             self.headers = []  # an interim answer (100 Continue): the real one follows
             return
         self.status = status
-        if not self.head.done():
+        if self.sink is not None:
+            self.sink.on_head()
+        elif not self.head.done():
             self.head.set_result(None)
 
     def on_body(self, body: bytes) -> None:
         if self.complete:
+            return
+        if self.sink is not None:
+            self.sink.on_body(body)
             return
         self.chunks.append(body)
         self.buffered += len(body)
@@ -217,6 +245,9 @@ class _Connection(asyncio.BufferedProtocol):
         # Asked now: the parser forgets the message's flags once it is over.
         self.keep_alive = self.parser.should_keep_alive()
         self.complete = True
+        if self.sink is not None:
+            self.sink.on_complete()
+            return
         self._wake()
 
     # --- helpers -------------------------------------------------------------------
@@ -233,6 +264,11 @@ class _Connection(asyncio.BufferedProtocol):
     def _fail(self, error: BaseException) -> None:
         if self.error is None:
             self.error = error
+        sink, self.sink = self.sink, None
+        if sink is not None:
+            self.close()
+            sink.on_error(error)
+            return
         if not self.head.done():
             self.head.set_exception(error)
             self.head.exception()  # retrieved: no "never retrieved" warning
@@ -260,10 +296,13 @@ class _Connection(asyncio.BufferedProtocol):
         finally:
             self._drained = None
 
-    def start(self) -> None:
+    def start(self, sink: Sink | None = None) -> None:
+        """Ready for an exchange, awaited (``head``, ``read``) or, with a
+        ``sink``, reported to it by callbacks."""
         # The parser is ready for the next response once the last one was
         # parsed whole (llhttp resets between messages); otherwise a new one.
         reuse = self.complete and self.error is None and self.status != 0
+        self.sink = sink
         self._reset()
         self.active = True
         if not reuse:
@@ -317,21 +356,23 @@ class HttptoolsResponse:
                 timer.cancel()
 
     async def aclose(self) -> None:
-        conn = self._conn
-        reusable = (
-            conn.complete
-            and not conn.chunks
-            and not conn.closed
-            and not self._head_request
-            and conn.keep_alive
-        )
-        conn.active = False
-        if reusable and len(self._pooled) < IDLE_PER_BACKEND:
-            conn.idle_since = time.monotonic()
-            conn.reused = True
-            self._pooled.append(conn)
-        else:
-            conn.close()
+        give_back(self._conn, self._pooled, self._head_request)
+
+
+def give_back(
+    conn: _Connection, pooled: collections.deque[_Connection], head_request: bool = False
+) -> None:
+    """The exchange on ``conn`` is over: keep it alive in ``pooled`` if its
+    answer was read whole and both sides allow it, else close it."""
+    whole = conn.complete and not conn.chunks and not head_request
+    reusable = whole and conn.keep_alive and not conn.closed
+    conn.active = False
+    if reusable and len(pooled) < IDLE_PER_BACKEND:
+        conn.idle_since = time.monotonic()
+        conn.reused = True
+        pooled.append(conn)
+    else:
+        conn.close()
 
 
 def _as_proxy_error(error: BaseException) -> ProxyError:
@@ -348,6 +389,12 @@ class HttptoolsTransport:
         self._open: set[_Connection] = set()
         self._tls: ssl.SSLContext | None = None
         self._read_buffer = memoryview(bytearray(READ_SIZE))
+
+    def warm(self, backend: Backend) -> tuple[_Connection | None, collections.deque[_Connection]]:
+        """A kept-alive connection to ``backend`` (the warmest) or None, and
+        the pool it goes back to (:func:`give_back`)."""
+        key = (backend.host, backend.port, backend.tls or backend.scheme == "https")
+        return self._checkout(key)
 
     def _checkout(self, key: _Key) -> tuple[_Connection | None, collections.deque[_Connection]]:
         pooled = self._idle.get(key)
@@ -398,10 +445,9 @@ class HttptoolsTransport:
         body: AsyncIterable[bytes] | None,
         timeouts: TimeoutsConfig,
     ) -> HttptoolsResponse:
-        key = (backend.host, backend.port, backend.tls or backend.scheme == "https")
-        conn, pooled = self._checkout(key)
+        conn, pooled = self.warm(backend)
         method_raw = method.encode("ascii")
-        head = _request_head(
+        head = request_head(
             method_raw, (backend.base_path + target).encode("latin-1"), headers, body
         )
         sent_body = written = False
@@ -504,7 +550,7 @@ class HttptoolsTransport:
             await asyncio.sleep(0)  # the loop closes an aborted socket on its next turn
 
 
-def _request_head(
+def request_head(
     method: bytes, target: bytes, headers: RawHeaders, body: AsyncIterable[bytes] | None
 ) -> bytes:
     lines = [method + b" " + target + b" HTTP/1.1"]
@@ -520,4 +566,4 @@ def _request_head(
     return b"\r\n".join(lines)
 
 
-__all__ = ["HttptoolsResponse", "HttptoolsTransport"]
+__all__ = ["HttptoolsResponse", "HttptoolsTransport", "Sink", "give_back", "request_head"]
