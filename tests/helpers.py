@@ -58,10 +58,11 @@ def balanced(
     "httpx", "httptools") under the ASGI middleware and uvicorn; "wsgi" or
     "wsgi-httpx", the WSGI middleware in front of a WSGI app_fallback, with
     the sync engine's default client or httpx; "lean", the ASGI middleware
-    on ``balancekit serve``'s own server.
+    on ``balancekit serve``'s own server, and "lean-slow" the same with its
+    fast path off (every request through the coroutine path).
     """
     wsgi = engine.startswith("wsgi")
-    lean = engine == "lean"
+    lean = engine in ("lean", "lean-slow")
     transport = engine
     if wsgi:
         transport = "httpx" if engine.endswith("httpx") else "aiohttp"
@@ -77,7 +78,8 @@ def balanced(
     if wsgi:
         server = serve(WSGIBalanceMiddleware(wsgi_fallback, balancer=balancer), wsgi=True)
     else:
-        server = serve(BalanceMiddleware(app_fallback, balancer=balancer), lean=lean)
+        app = BalanceMiddleware(app_fallback, balancer=balancer)
+        server = serve(app, lean=True, fast=engine == "lean") if lean else serve(app)
     return server, balancer
 
 

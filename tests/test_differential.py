@@ -29,7 +29,11 @@ from tests.helpers import balanced
 from tests.upstreams import SocketServer
 
 #: Transports compared with the reference (aiohttp).
-CANDIDATES = ["httptools"]
+#: (reference, candidate): balancekit's own transport against aiohttp under
+#: uvicorn, and ``balancekit serve``'s lean server with its fast path
+#: ("lean") against the same server with it off ("lean-slow": every
+#: request on the coroutine path), so that the two paths are held alike.
+CANDIDATES = [("aiohttp", "httptools"), ("lean-slow", "lean")]
 BIG = 50 * 1024 * 1024
 
 # --- what the backend does -----------------------------------------------------------
@@ -398,12 +402,12 @@ def run_case(
     return client_view(answer), backend_view(backend.seen)
 
 
-@pytest.mark.parametrize("candidate", CANDIDATES)
+@pytest.mark.parametrize(("base", "candidate"), CANDIDATES, ids=[c for _, c in CANDIDATES])
 @pytest.mark.parametrize("case", sorted(SCRIPTS))
 def test_same_exchange_on_every_transport(
-    serve: Callable[..., Any], backend: ScriptedBackend, case: str, candidate: str
+    serve: Callable[..., Any], backend: ScriptedBackend, case: str, base: str, candidate: str
 ) -> None:
-    reference = run_case(serve, backend, "aiohttp", case)
+    reference = run_case(serve, backend, base, case)
     observed = run_case(serve, backend, candidate, case)
     assert observed[1] == reference[1], f"{case}: the backend saw different requests"
     assert observed[0] == reference[0], f"{case}: the client saw different answers"

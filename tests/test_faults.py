@@ -250,7 +250,7 @@ def relays(serve: Callable[..., Any], echoes: list[Any]) -> Iterator[list[Relay]
         relay.close()
 
 
-@pytest.mark.parametrize("server", ["lean", "uvicorn"])
+@pytest.mark.parametrize("server", ["lean", "lean-slow", "uvicorn"])
 def test_fault_campaign(
     server: str, serve: Callable[..., Any], relays: list[Relay], echoes: list[Any]
 ) -> None:
@@ -272,7 +272,10 @@ def test_fault_campaign(
         }
     )
     app = BalanceMiddleware(app_fallback, balancer=balancer)
-    proxy = serve(app, lean=True) if server == "lean" else serve(app, lifespan="on")
+    if server == "uvicorn":
+        proxy = serve(app, lifespan="on")
+    else:
+        proxy = serve(app, lean=True, fast=server == "lean")
     faulty = relays[1]
     backend = balancer.pools["api"].backend(faulty.url)
 

@@ -38,9 +38,12 @@ def engine(request: pytest.FixtureRequest) -> str:
 # --- fixtures -----------------------------------------------------------------------
 
 
-@pytest.fixture(params=["aiohttp", "lean"], ids=["uvicorn", "lean-server"])
+@pytest.fixture(
+    params=["aiohttp", "lean", "lean-slow"], ids=["uvicorn", "lean-server", "lean-server-slow"]
+)
 def front(request: pytest.FixtureRequest) -> str:
-    """What faces the hostile client: uvicorn, or ``balancekit serve``'s own server."""
+    """What faces the hostile client: uvicorn, or ``balancekit serve``'s own
+    server, with its fast path and without (every request on coroutines)."""
     return str(request.param)
 
 

@@ -192,7 +192,9 @@ def _not_found_wsgi(environ: dict[str, Any], start_response: Any) -> list[bytes]
     return [b"not found"]
 
 
-FRONTS = ["lean", "uvicorn", "uvicorn-h11", "werkzeug"]
+#: "lean-slow": the lean server with its fast path off (every request on
+#: the coroutine path), so that both of its paths are held to the RFCs.
+FRONTS = ["lean", "lean-slow", "uvicorn", "uvicorn-h11", "werkzeug"]
 
 
 @pytest.fixture(scope="module")
@@ -220,8 +222,9 @@ def front(
     }
     if kind == "werkzeug":
         server = serve(WSGIBalanceMiddleware(_not_found_wsgi, config=config), wsgi=True)
-    elif kind == "lean":
-        server = serve(BalanceMiddleware(_not_found_asgi(), config=config), lean=True)
+    elif kind in ("lean", "lean-slow"):
+        app = BalanceMiddleware(_not_found_asgi(), config=config)
+        server = serve(app, lean=True, fast=kind == "lean")
     else:
         http = "h11" if kind == "uvicorn-h11" else "balancekit.uvicorn:HttpToolsProtocol"
         server = serve(BalanceMiddleware(_not_found_asgi(), config=config), http=http)
@@ -248,7 +251,7 @@ def _exchange(port: int, data: bytes) -> tuple[Answer, bool]:
 # --- 1. trailers never become headers ------------------------------------------
 
 
-@fronts("lean", "uvicorn", "uvicorn-h11")
+@fronts("lean", "lean-slow", "uvicorn", "uvicorn-h11")
 def test_request_trailers_never_reach_the_backend_as_headers(front, upstream) -> None:
     _, port = front
     answer, _ = _exchange(port, TRAILER_SMUGGLE)
@@ -309,7 +312,7 @@ def test_http11_without_host_is_refused(front, upstream) -> None:
     assert upstream.received == []
 
 
-@fronts("lean", "uvicorn", "uvicorn-h11")
+@fronts("lean", "lean-slow", "uvicorn", "uvicorn-h11")
 def test_http10_without_host_is_served(front, upstream) -> None:
     _, port = front
     answer, _ = _exchange(port, b"GET /api/a HTTP/1.0\r\n\r\n")
@@ -332,7 +335,7 @@ def test_http10_with_transfer_encoding_is_refused_and_closed(front, upstream) ->
     assert upstream.received == []
 
 
-@fronts("lean", "uvicorn", "uvicorn-h11", "werkzeug")
+@fronts("lean", "lean-slow", "uvicorn", "uvicorn-h11", "werkzeug")
 def test_http10_keep_alive_is_said_or_the_connection_closes(front, upstream) -> None:
     _, port = front
     client = Client(port)
@@ -351,7 +354,7 @@ def test_http10_keep_alive_is_said_or_the_connection_closes(front, upstream) -> 
         client.close()
 
 
-@fronts("lean")
+@fronts("lean", "lean-slow")
 def test_lean_server_keeps_http10_alive_when_asked(front, upstream) -> None:
     _, port = front
     client = Client(port)
@@ -392,7 +395,7 @@ def _own_answer(answer: Answer, status: int) -> None:
     assert answer.values(b"content-type") == [b"application/problem+json"]
 
 
-@fronts("lean")
+@fronts("lean", "lean-slow")
 @pytest.mark.parametrize(
     ("data", "status"),
     [
@@ -416,7 +419,7 @@ def test_lean_server_answers_carry_date_and_one_connection_close(
     assert upstream.received == []
 
 
-@fronts("lean")
+@fronts("lean", "lean-slow")
 def test_lean_server_times_out_a_started_head_with_408(front, monkeypatch) -> None:
     import balancekit._server
 
@@ -431,11 +434,11 @@ def test_lean_server_times_out_a_started_head_with_408(front, monkeypatch) -> No
         client.close()
 
 
-@fronts("lean", "uvicorn", "uvicorn-h11")
+@fronts("lean", "lean-slow", "uvicorn", "uvicorn-h11")
 def test_later_http1_minor_versions_are_served_as_http11(front, upstream) -> None:
     kind, port = front
     answer, _ = _exchange(port, b"GET /api/a HTTP/1.2\r\nHost: a\r\n\r\n")
-    if kind != "lean":
+    if not kind.startswith("lean"):
         # uvicorn's parsers refuse HTTP/1.2 (400) themselves: nothing forwarded.
         assert answer.status in (200, 400)
         assert len(upstream.received) == (answer.status == 200)
