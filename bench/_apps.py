@@ -23,25 +23,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
 import aiohttp
+from lean_proxy import HOP_BY_HOP  # one list for both references (bench/ is on the path)
 from yarl import URL
 
 from balancekit.asgi import BalanceMiddleware
 
 BACKENDS = [u for u in os.environ.get("BENCH_BACKENDS", "").split(",") if u]
 BODY = b"x" * 100
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
 REQUEST_DROP = HOP_BY_HOP | {b"host", b"x-forwarded-for", b"x-forwarded-proto"}
 RESPONSE_DROP = HOP_BY_HOP | {b"date", b"server"}
 

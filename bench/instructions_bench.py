@@ -4,8 +4,9 @@ On a shared 2-core VM, requests/s and CPU time move by 10-30 % between
 identical runs (bench/README.md). Instructions executed do not: valgrind's
 callgrind counts them exactly, whatever else the machine does. This script
 runs ``balancekit serve`` (on its lean server, and with ``--server
-uvicorn``) and NGINX (one process, ``master_process off``)
-under callgrind in front of the same three NGINX static backends, turns
+uvicorn``), the lean Python proxy (bench/lean_proxy.py: the ceiling for
+Python) and NGINX (one process, ``master_process off``) under callgrind
+in front of the same three NGINX static backends, turns
 instrumentation on only after a warm-up, sends the same sequential
 keep-alive requests to each, and reports instructions per request (user
 space: the kernel's share of the socket work is not counted) and the ratio.
@@ -142,15 +143,26 @@ def main() -> None:
                  "-g", "daemon off;"]  # fmt: skip
         on_uvicorn_port = pb.free_port()
         on_uvicorn = [*serve[:-1], str(on_uvicorn_port), "--server", "uvicorn"]
+        lean_port = pb.free_port()
+        lean = [sys.executable, str(Path(__file__).resolve().parent / "lean_proxy.py")]
+        lean += ["--port", str(lean_port), "--backends", ",".join(urls)]
         ours = measure("balancekit serve", serve, serve_port, args.requests, work)
         uvicorn = measure("serve on uvicorn", on_uvicorn, on_uvicorn_port, args.requests, work)
+        ceiling = measure("lean Python proxy", lean, lean_port, args.requests, work)
         theirs = measure("nginx", nginx, nginx_port, args.requests, work)
     finally:
         pb.stop(processes)
         shutil.rmtree(work, ignore_errors=True)
-    for name, count in (("balancekit serve", ours), ("serve --server uvicorn", uvicorn)):
-        ratio = count / theirs
-        print(f"{name}: {count:,} instructions per request = {ratio:.1f}x NGINX's {theirs:,}")
+    runs = (
+        ("balancekit serve", ours),
+        ("serve --server uvicorn", uvicorn),
+        ("lean Python proxy", ceiling),
+    )
+    for name, count in runs:
+        print(
+            f"{name}: {count:,} instructions per request = {count / theirs:.1f}x NGINX's"
+            f" {theirs:,}, {count / ceiling:.2f}x the lean Python proxy's"
+        )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,9 @@ Targets:
   transport) for the same configuration,
 - a minimal hand-written aiohttp proxy under uvicorn (``_apps.reference``):
   the reference for what Python does with the same client,
+- the lean Python proxy (``bench/lean_proxy.py``): asyncio Protocols,
+  httptools and uvloop with no feature at all, the ceiling for Python
+  ("x lean" is each target's requests/s over its),
 - NGINX (master + 1 worker, upstream keepalive 32), when installed.
 
 Every balancekit target runs the full request path: round robin, an HTTP
@@ -101,17 +104,18 @@ BALANCEKIT_HTTPX = "middleware (httpx)"
 BALANCEKIT_FAST = "middleware (httptools)"
 SERVE = "balancekit serve"
 REFERENCE = "reference aiohttp proxy"
+LEAN = "lean Python proxy"
 NGINX = "nginx"
 #: The targets that run balancekit: with --baseline, each has a twin named
 #: NAME + BASELINE, run with the package from DIR.
 BALANCEKIT_TARGETS = (BALANCEKIT, BALANCEKIT_HTTPX, BALANCEKIT_FAST, SERVE)
 BASELINE = " (baseline)"
 
-#: Issue 10's targets.
-SERVE_MIN_X_NGINX = 0.8
-SERVE_MAX_CPU_X_NGINX = 1.5
+#: Issue 22's targets (fast path II).
+SERVE_MIN_X_NGINX = 0.6
+SERVE_MAX_CPU_X_NGINX = 2.0
 SERVE_MAX_IDLE_RSS_MB = 40.0
-FAST_MIN_X_REFERENCE = 2.0
+FAST_MIN_X_REFERENCE = 2.5
 
 Popen = subprocess.Popen[bytes]
 
@@ -443,6 +447,7 @@ def summarize(targets: list[Target]) -> dict[str, Row]:
             "requests_per_s": round(rps),
             "x_reference": round(rps / medians[REFERENCE], 3) if REFERENCE in medians else None,
             "x_nginx": round(rps / medians[NGINX], 3) if NGINX in medians else None,
+            "x_lean": round(rps / medians[LEAN], 3) if LEAN in medians else None,
             **(against_baseline if twinned else {}),
             "cpu_us_per_request": round(cpu[t.name], 1),
             "idle_rss_mb": round(t.idle_rss_mb, 1),
@@ -464,7 +469,7 @@ def _goal(value: object, target: str, met: bool) -> dict[str, object]:
 
 
 def goals(rows: dict[str, Row]) -> dict[str, dict[str, dict[str, object]]]:
-    """Issue 10's targets: value, target, met."""
+    """Issue 22's targets: value, target, met."""
     checks: dict[str, dict[str, dict[str, object]]] = {}
     serve, nginx = rows.get(SERVE), rows.get(NGINX)
     if serve is not None and nginx is not None:
@@ -502,6 +507,7 @@ COLUMNS = [
     ("req/s", "requests_per_s"),
     ("x ref", "x_reference"),
     ("x nginx", "x_nginx"),
+    ("x lean", "x_lean"),
     ("x base", "x_baseline"),  # these two only with --baseline
     ("CPU us/req", "cpu_us_per_request"),
     ("CPU x base", "cpu_x_baseline"),
@@ -698,6 +704,11 @@ def start_targets(
         serve = [sys.executable, "-m", "balancekit", "serve", str(config), "--port", str(port)]
         processes.append(spawn(serve, PROXY_CORE, package_env(root)))
         targets.append(Target(SERVE + suffix, port, processes[-1]))
+    # The pure-Python ceiling (bench/lean_proxy.py), on the proxies' core.
+    port = free_port()
+    lean = [sys.executable, str(HERE / "lean_proxy.py"), "--port", str(port)]
+    processes.append(spawn([*lean, "--backends", ",".join(urls)], PROXY_CORE))
+    targets.append(Target(LEAN, port, processes[-1]))
     if binary is None:
         print("nginx not installed: skipped", file=sys.stderr)
     else:
