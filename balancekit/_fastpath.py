@@ -80,6 +80,7 @@ class FastPath:
     def __init__(self, app: BalanceMiddleware) -> None:
         self.app = app
         self.balancer = app.balancer
+        self._engine: AsyncEngine | None = None  # this server's loop's
         #: Responses completed here, and exchanges begun here that the
         #: coroutine path finished (plain counts, for tests and benchmarks).
         self.answered = 0
@@ -103,7 +104,11 @@ class FastPath:
         )
         if type(verdict) is not Routed:
             return False
-        engine = self.balancer.engine()
+        engine = self._engine
+        if engine is None or engine is not self.balancer._last_engine:
+            # Balancer.engine() asks asyncio for the running loop, which
+            # costs a getpid() system call: once, not per request.
+            engine = self._engine = self.balancer.engine()
         transport = engine.transport
         pool = verdict.pool
         if (
