@@ -161,8 +161,8 @@ def new_request_id() -> bytes:
     be unique, not secret (a client may send any id it likes), and the
     module reseeds itself in a forked worker, so workers never share ids.
     """
-    h = "%032x" % (getrandbits(128) & _UUID4_CLEAR | _UUID4_SET)
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}".encode("ascii")
+    h = b"%032x" % (getrandbits(128) & _UUID4_CLEAR | _UUID4_SET)
+    return b"%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
 
 
 #: The version (4) and variant bits of a random UUID, as ``uuid.UUID`` sets them.
