@@ -13,6 +13,12 @@ space: the kernel's share of the socket work is not counted) and the ratio.
 
     .venv/bin/python bench/instructions_bench.py              # 1,000 requests each
     .venv/bin/python bench/instructions_bench.py --requests 3000
+    .venv/bin/python bench/instructions_bench.py --ladder     # what each feature of serve costs
+
+``--ladder`` measures ``balancekit serve`` again with its features taken
+away one at a time (the status page and metrics, then the request id,
+then the health checks), so the difference between two rungs is what
+that feature costs a request.
 
 Needs valgrind and nginx (apt-get install valgrind nginx). Under valgrind,
 Python runs ~50x slower: expect a minute or two.
@@ -116,9 +122,35 @@ def measure(name: str, command: list[str], port: int, requests: int, work: Path)
     return round(per_request)
 
 
+#: (name, what comes out of the configuration) for --ladder: each rung also
+#: lacks what the rungs above it lack.
+LADDER = (
+    ("- status, metrics", lambda text: text.split("[status]")[0]),
+    ("- request id", lambda text: 'request_id = ""\n' + text),
+    ("- health check", lambda text: re.sub(r"(?m)^health_check = .*\n", "", text)),
+)
+
+
+def ladder(config: Path, urls: list[str], requests: int, work: Path) -> list[tuple[str, int]]:
+    """``balancekit serve`` with its features taken away one at a time."""
+    text = config.read_text()
+    rungs = []
+    for name, take_away in LADDER:
+        text = take_away(text)
+        rung = work / f"ladder-{len(rungs)}.toml"
+        rung.write_text(text)
+        port = pb.free_port()
+        command = [sys.executable, "-m", "balancekit", "serve", str(rung), "--port", str(port)]
+        rungs.append((f"serve {name}", measure(f"serve {name}", command, port, requests, work)))
+    return rungs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--requests", type=int, default=1000, help="measured requests (1000)")
+    parser.add_argument(
+        "--ladder", action="store_true", help="also serve without status, request id, checks"
+    )
     args = parser.parse_args()
     binary = pb.nginx_binary()
     if shutil.which("valgrind") is None or binary is None:
@@ -150,6 +182,7 @@ def main() -> None:
         uvicorn = measure("serve on uvicorn", on_uvicorn, on_uvicorn_port, args.requests, work)
         ceiling = measure("lean Python proxy", lean, lean_port, args.requests, work)
         theirs = measure("nginx", nginx, nginx_port, args.requests, work)
+        rungs = ladder(config, urls, args.requests, work) if args.ladder else []
     finally:
         pb.stop(processes)
         shutil.rmtree(work, ignore_errors=True)
@@ -157,6 +190,7 @@ def main() -> None:
         ("balancekit serve", ours),
         ("serve --server uvicorn", uvicorn),
         ("lean Python proxy", ceiling),
+        *rungs,
     )
     for name, count in runs:
         print(

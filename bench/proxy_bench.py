@@ -578,9 +578,14 @@ _OURS = re.compile(r" \((balancekit/[^:]+):\d+\)$")
 def print_profile(raw: str, top: int = 15) -> None:
     inclusive: dict[str, int] = {}
     own: dict[str, int] = {}
-    total = 0
+    total = torn = 0
     for line in raw.splitlines():
         stack, _, text = line.rpartition(" ")
+        if not text.isdigit():
+            # --nonblocking reads the process's memory while it runs: now
+            # and then a frame's name is caught half-written.
+            torn += 1
+            continue
         samples = int(text)
         total += samples
         # "_Exchange.run (balancekit/_engine_async.py:273)" -> "_Exchange.run balancekit/..."
@@ -591,6 +596,8 @@ def print_profile(raw: str, top: int = 15) -> None:
         if frames[-1] in ours:
             own[frames[-1]] = own.get(frames[-1], 0) + samples
     print(f"  {total} samples; balancekit's own code (self): {sum(own.values()) / total:.1%}")
+    if torn:
+        print(f"  ({torn} torn stacks left out)")
     print("  inclusive  self  function")
     for frame, count in sorted(inclusive.items(), key=lambda kv: -kv[1])[:top]:
         name, path = frame.rsplit(" ", 1)
