@@ -506,7 +506,8 @@ class _Exchange:
                 task.cancel()
                 task.add_done_callback(_drop_answer)
                 if started:
-                    attempts.hedge_end(racer, ok=True, latency_ms=None, code=499)
+                    elapsed = (time.perf_counter() - started) * 1000.0
+                    attempts.hedge_end(racer, ok=True, latency_ms=elapsed, code=499)
 
     async def _backoff(self, attempts: Attempts) -> bool:
         """Wait before a granted retry; False if ``timeouts.total`` ran out."""

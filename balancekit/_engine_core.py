@@ -441,23 +441,46 @@ class Attempts:
             metrics.hedged()
         return backend
 
-    def hedge_end(self, backend: Backend, *, ok: bool, latency_ms: float | None, code: int) -> None:
+    def hedge_end(self, backend: Backend, *, ok: bool, latency_ms: float, code: int) -> None:
         """A hedged try is over without being the answer: it failed (``ok``
         False, its time and status counted), or it lost the race and was
-        cancelled (no blame, no latency sample, 499 as for a client that
-        left). Its place in the retry budget goes back."""
+        cancelled (no blame, 499 as for a client that left, and its time so
+        far only a lower bound: see :meth:`lost`). Its place in the retry
+        budget goes back."""
         pool = self.pool
-        pool.release(backend, ok=ok, latency_ms=latency_ms)
-        if pool.metrics is not None:
-            seconds = None if latency_ms is None else latency_ms / 1000
-            pool.metrics.released(backend, code, seconds)
+        if ok:
+            self.lost(backend, latency_ms)
+        else:
+            pool.release(backend, ok=False, latency_ms=latency_ms)
+            if pool.metrics is not None:
+                pool.metrics.released(backend, code, latency_ms / 1000)
         pool.release_retry()
+
+    def lost(self, backend: Backend, elapsed_ms: float) -> None:
+        """A try that lost a hedged race is released without blame. Its
+        backend was slower than the winner by at least ``elapsed_ms``: fed
+        to the moving average as a lower bound (``Pool.release(at_least=)``).
+        With no sample at all, a slow backend whose tries always lose would
+        keep the average of its last answer, and p2c would go on sending it
+        requests for hedges to rescue."""
+        pool = self.pool
+        pool.release(backend, ok=True, latency_ms=elapsed_ms, at_least=True)
+        if pool.metrics is not None:
+            pool.metrics.released(backend, 499, None)
 
     def hedge_won(self, backend: Backend, started: float) -> None:
         """The hedged try on ``backend`` answered first: it becomes the
         current try (its budget place goes back now: the race is over), and
         the first one, if still held, is released without blame."""
-        self.release(ok=True, timed=False, code=499)
+        first = self.backend
+        if first is not None:
+            self.backend = None
+            if self.span is not None:
+                self._end_span(None, None)
+            self.lost(first, (time.perf_counter() - self.started) * 1000.0)
+            if self.in_budget:
+                self.pool.release_retry()
+                self.in_budget = False
         self.backend = backend
         self.started = started
         pool = self.pool

@@ -353,13 +353,18 @@ class Pool:
         backend.active_requests -= 1
         self.active_requests -= 1
 
-    def release(self, backend: Backend, *, ok: bool, latency_ms: float | None) -> None:
+    def release(
+        self, backend: Backend, *, ok: bool, latency_ms: float | None, at_least: bool = False
+    ) -> None:
         """Finish a request on ``backend``: counters, latency, outlier detection.
 
         ``ok`` is False for a connection error, a timeout or an answer
         whose status :meth:`is_failure` (a 5xx by default, as Envoy's
         ``consecutive_5xx``); ``latency_ms`` is None when there is no
-        meaningful sample (the client went away).
+        meaningful sample (the client went away). ``at_least``: the request
+        was cancelled unanswered (a hedge's loser), so ``latency_ms`` is only
+        a lower bound of the backend's time: it raises the moving average
+        when it is above it, and is no sample otherwise.
         """
         changed = None
         streak = 0
@@ -370,7 +375,12 @@ class Pool:
             backend.active_requests -= 1
             self.active_requests -= 1
             backend.released_total += 1  # with failures_total: the interval detectors' counts
-            if latency_ms is not None:
+            if at_least:
+                old = backend.latency_ewma_ms
+                if latency_ms is not None and (old is None or latency_ms > old):
+                    backend.record_latency(latency_ms, at=self._clock())
+                latency_ms = None  # not an answer's time: no percentile, no RTT
+            elif latency_ms is not None:
                 backend.record_latency(latency_ms, failed=not ok, at=self._clock())
                 backend.recent_ms.append(latency_ms)
             if self.adaptive is not None:

@@ -36,7 +36,8 @@ The pool settings of section 16 run through the real Pool as well:
   "first head" is "first to end" here. The first success wins; the
   losers are cancelled at that moment: a loser still queued leaves its
   backend's queue, one in service frees its slot, and both are released
-  without blame and without a latency sample (``hedge_won``/``hedge_end``).
+  without blame, their time so far fed to the latency average as a lower
+  bound (``Attempts.lost``).
   A try that fails leaves the race to the others; the last one failing
   fails the request. The hedges draw their service times from a stream
   of their own, so a run with hedging and one without see the same
@@ -698,11 +699,13 @@ class _Run:
 
     def cancel(self, attempt: _Try) -> None:
         """A loser of the race leaves its backend's queue, or stops being
-        served: its slot is free at once. No blame, no latency sample."""
+        served: its slot is free at once. No blame; its time so far is a
+        lower bound of the backend's (``Attempts.lost``)."""
         attempt.over = True
-        self.held[attempt.j] -= 1  # the backend stops it: no latency sample
+        self.held[attempt.j] -= 1  # the backend stops it: no load report
         self.queues.change(attempt.j, self.now, -1)
-        self.settle(attempt, ok=True, latency_ms=None)
+        elapsed_ms = (self.now - attempt.began) * 1000
+        self.settle(attempt, ok=True, latency_ms=elapsed_ms, at_least=True)
         if attempt.serving:
             self.free_slot(attempt.j)
 
@@ -719,14 +722,24 @@ class _Run:
         j = self.server[backend]
         algorithm.record_probe(backend, self.held[j], self.report_ms[j], at=self.now)
 
-    def settle(self, attempt: _Try, *, ok: bool, latency_ms: float | None) -> None:
+    def settle(
+        self, attempt: _Try, *, ok: bool, latency_ms: float | None, at_least: bool = False
+    ) -> None:
         pool = attempt.request.pool
-        self.release(pool, attempt.backend, ok=ok, latency_ms=latency_ms)
+        self.release(pool, attempt.backend, ok=ok, latency_ms=latency_ms, at_least=at_least)
         if attempt.hedge:
             pool.release_retry()
 
-    def release(self, pool: Pool, backend: Backend, *, ok: bool, latency_ms: float | None) -> None:
-        pool.release(backend, ok=ok, latency_ms=latency_ms)
+    def release(
+        self,
+        pool: Pool,
+        backend: Backend,
+        *,
+        ok: bool,
+        latency_ms: float | None,
+        at_least: bool = False,
+    ) -> None:
+        pool.release(backend, ok=ok, latency_ms=latency_ms, at_least=at_least)
         while self.ready:  # the pool's queue handed out the place
             request = self.ready.pop(0)
             waiter, request.waiter = request.waiter, None

@@ -96,6 +96,11 @@ def test_the_fast_answer_wins_and_the_slow_try_is_cancelled(serve, transport) ->
     assert counted(balancer, "balancekit_hedges_total") == 1
     assert counted(balancer, "balancekit_hedge_wins_total") == 1
     settled(balancer)
+    # The lost try's time so far is a lower bound of the slow backend's:
+    # its average has heard of it, its percentiles (answers only) have not.
+    first = balancer.pools["api"].backends[0]
+    assert first.latency_ewma_ms is not None and first.latency_ewma_ms >= 50
+    assert not first.recent_ms
     # The next request goes to the first backend again on a new connection.
     assert httpx.get(f"{server.url}/x", timeout=10).text == "fast"
     wait_for(lambda: slow.left == 2)

@@ -80,6 +80,27 @@ def test_in_flight_requests_push_picks_off_a_slightly_faster_backend():
     assert pool.acquire(REQUEST) is pool.backends[0]  # idle again, it wins again
 
 
+def test_a_lower_bound_raises_the_average_and_never_lowers_it():
+    # A hedge's cancelled loser: "slower than this" is all its time says.
+    clock = Clock()
+    pool = make_pool(2, clock)
+    fresh, known = pool.backends
+    for backend in (fresh, known):
+        pool.acquire(REQUEST, exclude=[b for b in pool.backends if b is not backend])
+    pool.release(fresh, ok=True, latency_ms=40.0, at_least=True)
+    assert fresh.latency_ewma_ms == 40.0  # no average yet: the bound is all there is
+    pool.release(known, ok=True, latency_ms=100.0)
+    before = known.latency_ewma_ms
+    pool.acquire(REQUEST, exclude=[fresh])
+    pool.release(known, ok=True, latency_ms=30.0, at_least=True)
+    assert known.latency_ewma_ms == before  # below the average: no news
+    pool.acquire(REQUEST, exclude=[fresh])
+    pool.release(known, ok=True, latency_ms=300.0, at_least=True)
+    assert before is not None and known.latency_ewma_ms > before
+    assert list(known.recent_ms) == [100.0] and not fresh.recent_ms  # answers only
+    assert pool.active_requests == 0 and known.failures_total == 0
+
+
 def test_a_faster_backend_still_gets_more():
     clock = Clock()
     pool = make_pool(3, clock)

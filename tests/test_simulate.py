@@ -409,15 +409,19 @@ def test_hedging_cuts_the_slow_backend_tail_at_a_bounded_extra_share() -> None:
         assert with_hedge.hedge_wins is not None and with_hedge.hedge_wins > 0.75
 
 
-def test_cancelled_losers_hide_the_slow_backend_from_p2c() -> None:
-    # A loser is released without a latency sample (as the engine's
-    # hedge_won does), so the slow backend's average hears mostly of the
-    # tries it won: p2c sends it several times more, and with after above
-    # p2c's own p99 (52 ms) hedging makes its p99 worse, not better.
+def test_cancelled_losers_still_hide_the_slow_backend_from_p2c_in_part() -> None:
+    # A loser's time so far reaches the average only as a lower bound (as
+    # the engine's Attempts.lost does): the slow backend's tries mostly
+    # lose after about `after` plus the winner's time, so its average
+    # settles near that, far below its true time. Measured (30,000
+    # requests, seeds 1-3): b5's share 0.1-0.4 % without hedging, 1.6-2.6 %
+    # with it (3.0-3.6 % when losers gave no sample at all), and p99 50-51
+    # against 55-58 ms (60 ms without the lower bound): with after above
+    # p2c's own p99, hedging makes p2c's tail worse, not better.
     hedged = replace(SCENARIOS["slow-backend"], hedge={"after": 0.05, "max": 1})
     plain = simulate(SCENARIOS["slow-backend"], ALGORITHMS["p2c"], requests=30_000)
     with_hedge = simulate(hedged, ALGORITHMS["p2c"], requests=30_000)
-    assert with_hedge.share["b5"] > 3 * plain.share["b5"]
+    assert 3 * plain.share["b5"] < with_hedge.share["b5"] < 0.03
     assert with_hedge.p99_ms > plain.p99_ms
 
 
