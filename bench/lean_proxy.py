@@ -40,6 +40,9 @@ try:
 except ImportError:  # pragma: no cover - the bench's venv has it
     uvloop = None
 
+# RFC 9110 section 7.6.1's list, as balancekit._forwarding has it: written
+# out, not imported, so the ceiling imports nothing of balancekit (whose
+# configuration alone would add pydantic to its memory and start-up).
 HOP_BY_HOP = frozenset(
     {
         b"connection",
