@@ -42,7 +42,7 @@ from ._access import log_access
 from ._classify import Routed
 from ._decision import IDEMPOTENT_METHODS
 from ._engine_async import Taken
-from ._engine_core import Attempts, valid_status, with_host
+from ._engine_core import Attempts, valid_status
 from ._exceptions import NoEligibleBackend, ProxyError, UpstreamError, UpstreamProtocolError
 from ._forwarding import (
     _PLAIN_CONNECTION,
@@ -51,7 +51,7 @@ from ._forwarding import (
     downstream_response_headers,
 )
 from ._server import STATUS_LINES
-from ._transports.httptools import HttptoolsTransport, _Stale, give_back, request_head
+from ._transports.httptools import HttptoolsTransport, _Stale, give_back
 
 if TYPE_CHECKING:
     import asyncio
@@ -213,9 +213,7 @@ class _FastExchange:
             return
         self.upstream, self.pooled = up, pooled
         up.start(self)
-        headers = with_host(routed.headers, backend, routed.pool.config.preserve_host)
-        target = (backend.base_path + routed.target).encode("latin-1")
-        up.transport.write(request_head(method.encode("ascii"), target, headers, None))
+        up.transport.write(self._request_head(method, backend))
         self.last = self.loop.time()
         read = self.attempts.timeouts.read
         if read < SWEPT_READ_TIMEOUT:  # else the server's sweep calls check_read
@@ -328,6 +326,24 @@ class _FastExchange:
             up.transport.resume_reading()
 
     # --- helpers -----------------------------------------------------------------------
+
+    def _request_head(self, method: str, backend: Backend) -> bytes:
+        """The upstream request head in one pass: what ``with_host`` and
+        the transport's ``request_head`` make for a request with no body,
+        without the list between them. The forwarded headers start with
+        Host (``upstream_request_headers``), replaced by the backend's
+        unless the client's is kept."""
+        routed = self.routed
+        target = (backend.base_path + routed.target).encode("latin-1")
+        parts = [method.encode("ascii"), b" ", target, b" HTTP/1.1\r\n"]
+        fields = iter(routed.headers)
+        if not routed.pool.config.preserve_host:
+            next(fields)
+            parts += (b"host: ", backend.host_header_raw, b"\r\n")
+        for name, value in fields:
+            parts += (name, b": ", value, b"\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
 
     def _response_head(self, status: int, headers: RawHeaders) -> bytes:
         """The client's response head, in one pass over the upstream's

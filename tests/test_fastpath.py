@@ -59,6 +59,20 @@ def test_a_warm_get_is_answered_on_the_fast_path(serve, echo) -> None:
     assert pool.backends[0].requests_total == 6
 
 
+@pytest.mark.parametrize("preserve_host", [False, True])
+def test_the_upstream_gets_the_backends_host_or_the_clients(serve, echo, preserve_host) -> None:
+    server, _ = balanced(serve, [echo.url], engine="lean", pool={"preserve_host": preserve_host})
+    fast = server.server.fast
+    with httpx.Client(base_url=server.url) as client:
+        answers = [client.get("/api/h", headers={"Host": "public.example"}) for _ in range(3)]
+    assert (fast.handed_over, fast.answered) == (1, 2)  # the first connected
+    expected = "public.example" if preserve_host else echo.url.removeprefix("http://")
+    for answer in answers:
+        headers = answer.json()["headers"]
+        assert [value for name, value in headers if name == "host"] == [expected]
+        assert dict(headers)["x-forwarded-host"] == "public.example"
+
+
 def test_requests_that_need_more_take_the_coroutine_path(serve, echo) -> None:
     server, _ = balanced(serve, [echo.url], engine="lean", pool={"timeouts": {"total": 5}})
     fast = server.server.fast
