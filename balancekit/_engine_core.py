@@ -275,12 +275,16 @@ class Attempts:
         in the meantime, goes to the next in line."""
         self.pool.leave(waiter, keep=False)
 
-    def release(self, *, ok: bool, timed: bool = True, code: int = 502) -> float | None:
+    def release(
+        self, *, ok: bool, timed: bool = True, code: int = 502, at_least: bool = False
+    ) -> float | None:
         """Give the current backend back; its latency in ms when ``timed``.
 
         ``timed`` is False when the try ended for a reason that says nothing
-        of the backend's speed (the client left). ``code`` is the status the
-        try ended with, for the metrics. Releasing twice is a no-op.
+        of the backend's speed (the client left); ``at_least`` when it was
+        cancelled unanswered (a hedge's loser), so its time so far is only a
+        lower bound of the backend's (``Pool.release``). ``code`` is the
+        status the try ended with, for the metrics. Releasing twice is a no-op.
         """
         backend = self.backend
         if backend is None:
@@ -289,11 +293,12 @@ class Attempts:
         if self.span is not None:  # the client left, or the answer was unusable
             self._end_span(None, None)
         latency = (time.perf_counter() - self.started) * 1000.0 if timed else None
-        self.latency_ms = latency
+        answer = None if at_least else latency  # the time of an answer, if any
+        self.latency_ms = answer
         pool = self.pool
-        pool.release(backend, ok=ok, latency_ms=latency)
+        pool.release(backend, ok=ok, latency_ms=latency, at_least=at_least)
         if pool.metrics is not None:
-            pool.metrics.released(backend, code, None if latency is None else latency / 1000)
+            pool.metrics.released(backend, code, None if answer is None else answer / 1000)
         if self.in_budget:
             pool.release_retry()
             self.in_budget = False
@@ -445,42 +450,19 @@ class Attempts:
         """A hedged try is over without being the answer: it failed (``ok``
         False, its time and status counted), or it lost the race and was
         cancelled (no blame, 499 as for a client that left, and its time so
-        far only a lower bound: see :meth:`lost`). Its place in the retry
-        budget goes back."""
+        far a lower bound of the backend's: ``Pool.release(at_least=)``).
+        Its place in the retry budget goes back."""
         pool = self.pool
-        if ok:
-            self.lost(backend, latency_ms)
-        else:
-            pool.release(backend, ok=False, latency_ms=latency_ms)
-            if pool.metrics is not None:
-                pool.metrics.released(backend, code, latency_ms / 1000)
-        pool.release_retry()
-
-    def lost(self, backend: Backend, elapsed_ms: float) -> None:
-        """A try that lost a hedged race is released without blame. Its
-        backend was slower than the winner by at least ``elapsed_ms``: fed
-        to the moving average as a lower bound (``Pool.release(at_least=)``).
-        With no sample at all, a slow backend whose tries always lose would
-        keep the average of its last answer, and p2c would go on sending it
-        requests for hedges to rescue."""
-        pool = self.pool
-        pool.release(backend, ok=True, latency_ms=elapsed_ms, at_least=True)
+        pool.release(backend, ok=ok, latency_ms=latency_ms, at_least=ok)
         if pool.metrics is not None:
-            pool.metrics.released(backend, 499, None)
+            pool.metrics.released(backend, code, None if ok else latency_ms / 1000)
+        pool.release_retry()
 
     def hedge_won(self, backend: Backend, started: float) -> None:
         """The hedged try on ``backend`` answered first: it becomes the
         current try (its budget place goes back now: the race is over), and
         the first one, if still held, is released without blame."""
-        first = self.backend
-        if first is not None:
-            self.backend = None
-            if self.span is not None:
-                self._end_span(None, None)
-            self.lost(first, (time.perf_counter() - self.started) * 1000.0)
-            if self.in_budget:
-                self.pool.release_retry()
-                self.in_budget = False
+        self.release(ok=True, code=499, at_least=True)
         self.backend = backend
         self.started = started
         pool = self.pool

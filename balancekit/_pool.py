@@ -364,7 +364,10 @@ class Pool:
         meaningful sample (the client went away). ``at_least``: the request
         was cancelled unanswered (a hedge's loser), so ``latency_ms`` is only
         a lower bound of the backend's time: it raises the moving average
-        when it is above it, and is no sample otherwise.
+        when it is above it, and is no sample otherwise. (With no sample at
+        all, a slow backend whose tries always lose would keep the average
+        of its last answer, and p2c would go on sending it requests for
+        hedges to rescue.)
         """
         changed = None
         streak = 0

@@ -37,7 +37,7 @@ The pool settings of section 16 run through the real Pool as well:
   losers are cancelled at that moment: a loser still queued leaves its
   backend's queue, one in service frees its slot, and both are released
   without blame, their time so far fed to the latency average as a lower
-  bound (``Attempts.lost``).
+  bound (``Pool.release(at_least=)``).
   A try that fails leaves the race to the others; the last one failing
   fails the request. The hedges draw their service times from a stream
   of their own, so a run with hedging and one without see the same
@@ -700,7 +700,7 @@ class _Run:
     def cancel(self, attempt: _Try) -> None:
         """A loser of the race leaves its backend's queue, or stops being
         served: its slot is free at once. No blame; its time so far is a
-        lower bound of the backend's (``Attempts.lost``)."""
+        lower bound of the backend's (``Pool.release(at_least=)``)."""
         attempt.over = True
         self.held[attempt.j] -= 1  # the backend stops it: no load report
         self.queues.change(attempt.j, self.now, -1)

@@ -411,7 +411,7 @@ def test_hedging_cuts_the_slow_backend_tail_at_a_bounded_extra_share() -> None:
 
 def test_cancelled_losers_still_hide_the_slow_backend_from_p2c_in_part() -> None:
     # A loser's time so far reaches the average only as a lower bound (as
-    # the engine's Attempts.lost does): the slow backend's tries mostly
+    # the engine's Attempts.hedge_won and hedge_end do): the slow backend's tries mostly
     # lose after about `after` plus the winner's time, so its average
     # settles near that, far below its true time. Measured (30,000
     # requests, seeds 1-3): b5's share 0.1-0.4 % without hedging, 1.6-2.6 %
