@@ -321,12 +321,17 @@ class Balancer:
         """The same dict as ``status.json``."""
         return {"pools": {name: pool.status() for name, pool in self.pools.items()}}
 
-    def engine(self) -> AsyncEngine:
-        """The async engine of the running event loop (one per loop)."""
+    def engine(self, loop: asyncio.AbstractEventLoop | None = None) -> AsyncEngine:
+        """The async engine of the running event loop (one per loop).
+
+        A caller that knows it runs in ``loop`` (a server, on its own loop)
+        passes it: asking asyncio for the running loop costs a ``getpid()``
+        system call, too much for every request.
+        """
         engine = self._last_engine
-        if engine is not None and engine.loop is asyncio.get_running_loop():
+        if engine is not None and engine.loop is (loop or asyncio.get_running_loop()):
             return engine  # the usual case: one loop per process
-        loop = asyncio.get_running_loop()
+        loop = loop or asyncio.get_running_loop()
         engine = self._engines.get(loop)
         if engine is None:
             from ._engine_async import AsyncEngine

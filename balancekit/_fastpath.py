@@ -80,16 +80,17 @@ class FastPath:
     def __init__(self, app: BalanceMiddleware) -> None:
         self.app = app
         self.balancer = app.balancer
-        self._engine: AsyncEngine | None = None  # this server's loop's
-        #: Responses completed here, and exchanges begun here that the
-        #: coroutine path finished (plain counts, for tests and benchmarks).
+        #: Exchanges begun here; of them, responses completed here, and
+        #: those the coroutine path finished (plain counts, for tests and
+        #: benchmarks; the rest failed mid-response or lost their client).
+        self.begun = 0
         self.answered = 0
         self.handed_over = 0
 
-    def take(self, conn: _Connection, cycle: _Cycle) -> bool:
-        """Whether the request of ``cycle`` was taken: answered here, or
-        routed and handed to the engine's coroutine path. False: it is not
-        a request to proxy (the status page, no route...): the app's."""
+    def take(self, conn: _Connection, cycle: _Cycle) -> None:
+        """Answer the request of ``cycle``: here, or with a task on the
+        engine's coroutine path, or, when it is not to be proxied (the
+        status page, no route...), with the middleware's answer to it."""
         scope = cycle.scope
         method = scope["method"]
         client = conn.client
@@ -102,13 +103,12 @@ class FastPath:
             scheme=conn.server.scheme,
             http_version=scope["http_version"],
         )
-        if type(verdict) is not Routed:
-            return False
-        engine = self._engine
-        if engine is None or engine is not self.balancer._last_engine:
-            # Balancer.engine() asks asyncio for the running loop, which
-            # costs a getpid() system call: once, not per request.
-            engine = self._engine = self.balancer.engine()
+        if type(verdict) is not Routed:  # classified once: the middleware answers it
+            conn.spawn(
+                cycle, partial(self.app._not_proxied, verdict, scope, cycle.receive, cycle.send)
+            )
+            return
+        engine = self.balancer.engine(conn.loop)
         transport = engine.transport
         pool = verdict.pool
         if (
@@ -123,7 +123,7 @@ class FastPath:
             or not isinstance(transport, HttptoolsTransport)
         ):
             conn.spawn(cycle, partial(engine.handle, verdict, scope, cycle.receive, cycle.send))
-            return True
+            return
         attempts = Attempts(
             pool,
             verdict.request,
@@ -136,9 +136,9 @@ class FastPath:
             backend = attempts.next()
         except NoEligibleBackend:  # the queue, or the 503: nothing is held yet
             conn.spawn(cycle, partial(engine.handle, verdict, scope, cycle.receive, cycle.send))
-            return True
+            return
+        self.begun += 1
         _FastExchange(self, conn, cycle, verdict, attempts, engine, transport).send(backend)
-        return True
 
 
 class _FastExchange:
@@ -329,7 +329,7 @@ class _FastExchange:
 
     def _request_head(self, method: str, backend: Backend) -> bytes:
         """The upstream request head in one pass: what ``with_host`` and
-        the transport's ``request_head`` make for a request with no body,
+        the transport's ``_request_head`` make for a request with no body,
         without the list between them. The forwarded headers start with
         Host (``upstream_request_headers``), replaced by the backend's
         unless the client's is kept."""

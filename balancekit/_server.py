@@ -500,9 +500,10 @@ class _Connection(asyncio.Protocol):
     def _start(self, cycle: _Cycle) -> None:
         self.cycle = cycle
         fast = self.server.fast
-        if fast is not None and fast.take(self, cycle):
-            return
-        self.spawn(cycle, partial(self.app, cycle.scope, cycle.receive, cycle.send))
+        if fast is not None:
+            fast.take(self, cycle)
+        else:
+            self.spawn(cycle, partial(self.app, cycle.scope, cycle.receive, cycle.send))
 
     def spawn(self, cycle: _Cycle, work: Callable[[], Awaitable[None]]) -> None:
         """Answer ``cycle`` with a task awaiting ``work()`` (the app, or the

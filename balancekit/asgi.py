@@ -7,7 +7,7 @@ from urllib.parse import quote
 
 from ._admin import MAX_BODY
 from ._balancer import Balancer, ConfigInput, balancer_from
-from ._classify import Admin, Refuse, Routed, Status
+from ._classify import Admin, Classification, Refuse, Routed, Status
 from ._engine_async import _respond
 from ._problem import problem
 from ._types import ASGIApp, Message, Receive, Scope, Send
@@ -68,7 +68,19 @@ class BalanceMiddleware:
             if not self._started:  # no lifespan from the server
                 await self.startup()
             await balancer.engine().handle(verdict, scope, receive, send)
-        elif type(verdict) is Refuse:
+        else:
+            await self._not_proxied(verdict, scope, receive, send)
+
+    async def _not_proxied(
+        self, verdict: Classification, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        """Answer a request that is not to be proxied, as classified: the
+        refusal, the status page, the admin API, or the wrapped app (for
+        ``balancekit serve``'s fast path, which classified it already)."""
+        kind = scope["type"]
+        balancer = self.balancer
+        client = scope.get("client")
+        if type(verdict) is Refuse:
             if kind == "http":
                 await _respond(send, verdict.status, verdict.headers, verdict.body)
             else:

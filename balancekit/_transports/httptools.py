@@ -447,7 +447,7 @@ class HttptoolsTransport:
     ) -> HttptoolsResponse:
         conn, pooled = self.warm(backend)
         method_raw = method.encode("ascii")
-        head = request_head(
+        head = _request_head(
             method_raw, (backend.base_path + target).encode("latin-1"), headers, body
         )
         sent_body = written = False
@@ -550,7 +550,7 @@ class HttptoolsTransport:
             await asyncio.sleep(0)  # the loop closes an aborted socket on its next turn
 
 
-def request_head(
+def _request_head(
     method: bytes, target: bytes, headers: RawHeaders, body: AsyncIterable[bytes] | None
 ) -> bytes:
     lines = [method + b" " + target + b" HTTP/1.1"]
@@ -566,4 +566,4 @@ def request_head(
     return b"\r\n".join(lines)
 
 
-__all__ = ["HttptoolsResponse", "HttptoolsTransport", "Sink", "give_back", "request_head"]
+__all__ = ["HttptoolsResponse", "HttptoolsTransport", "Sink", "give_back"]
