@@ -33,7 +33,11 @@ from tests.upstreams import SocketServer
 #: uvicorn, and ``balancekit serve``'s lean server with its fast path
 #: ("lean") against the same server with it off ("lean-slow": every
 #: request on the coroutine path), so that the two paths are held alike.
-CANDIDATES = [("aiohttp", "httptools"), ("lean-slow", "lean")]
+#: The lean pair's cases run on a kept-alive upstream connection, which one
+#: request sent first leaves in the pool: a request that must connect is
+#: handed to the coroutine path, so only then does "lean" move the case's
+#: bytes by its callbacks.
+CANDIDATES = [("aiohttp", "httptools", False), ("lean-slow", "lean", True)]
 BIG = 50 * 1024 * 1024
 
 # --- what the backend does -----------------------------------------------------------
@@ -389,30 +393,56 @@ def backend() -> Iterator[ScriptedBackend]:
 
 
 def run_case(
-    serve: Callable[..., Any], backend: ScriptedBackend, transport: str, case: str
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    serve: Callable[..., Any],
+    backend: ScriptedBackend,
+    transport: str,
+    case: str,
+    *,
+    warm: bool = False,
+) -> tuple[dict[str, Any], list[dict[str, Any]], Any]:
+    """What the client and the backend saw of ``case``, and the proxy;
+    ``warm``: after a "plain" exchange has left a kept-alive upstream
+    connection."""
     # No retries: a retried failure would show the backend twice as many
     # requests on one transport that detects the failure differently.
     server, _ = balanced(serve, [backend.url], engine=transport, pool={"retries": {"attempts": 1}})
+    if warm:
+        assert exchange(server.port, CLIENTS["plain"]()).complete
     backend.seen.clear()
     answer = exchange(server.port, CLIENTS[case]())
     deadline = time.monotonic() + 2
     while not backend.seen and time.monotonic() < deadline and case != "garbage":
         time.sleep(0.01)
-    return client_view(answer), backend_view(backend.seen)
+    return client_view(answer), backend_view(backend.seen), server
 
 
-@pytest.mark.parametrize(("base", "candidate"), CANDIDATES, ids=[c for _, c in CANDIDATES])
+@pytest.mark.parametrize(
+    ("base", "candidate", "warm"), CANDIDATES, ids=[c for _, c, _ in CANDIDATES]
+)
 @pytest.mark.parametrize("case", sorted(SCRIPTS))
 def test_same_exchange_on_every_transport(
-    serve: Callable[..., Any], backend: ScriptedBackend, case: str, base: str, candidate: str
+    serve: Callable[..., Any],
+    backend: ScriptedBackend,
+    case: str,
+    base: str,
+    candidate: str,
+    warm: bool,
 ) -> None:
-    reference = run_case(serve, backend, base, case)
-    observed = run_case(serve, backend, candidate, case)
+    reference = run_case(serve, backend, base, case, warm=warm)
+    observed = run_case(serve, backend, candidate, case, warm=warm)
     assert observed[1] == reference[1], f"{case}: the backend saw different requests"
     assert observed[0] == reference[0], f"{case}: the client saw different answers"
     # And both are right, not merely alike: spot checks of the corpus.
-    client, seen = observed
+    client, seen, proxy = observed
+    first = CLIENTS[case]()[0]
+    if candidate == "lean" and isinstance(first, bytes) and first.startswith(b"GET "):
+        # The case itself was the fast path's (and so was the warm-up,
+        # handed over to connect): answered there whole, cut there, or
+        # handed over when its try failed before a head.
+        fast = proxy.server.fast
+        assert fast.begun == 2, f"{case}: not begun on the fast path"
+        if client["complete"] and client["status"] == 200:
+            assert fast.answered == 1, f"{case}: answered on the coroutine path"
     expected_status = {
         "garbage": 502,
         "bad-status": 502,
