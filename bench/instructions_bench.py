@@ -125,7 +125,7 @@ def measure(name: str, command: list[str], port: int, requests: int, work: Path)
 #: (name, what comes out of the configuration) for --ladder: each rung also
 #: lacks what the rungs above it lack.
 LADDER = (
-    ("- status, metrics", lambda text: text.split("[status]")[0]),
+    ("- status, metrics", lambda text: re.sub(r"(?ms)^\[status\]\n.*?(?=^\[|\Z)", "", text)),
     ("- request id", lambda text: 'request_id = ""\n' + text),
     ("- health check", lambda text: re.sub(r"(?m)^health_check = .*\n", "", text)),
 )
