@@ -401,6 +401,8 @@ class Balancer:
             schedulers = self._schedulers[loop] = []
         if self.coordinator is not None:
             await self.coordinator.start()
+            if self._schedulers.get(loop) is not schedulers:
+                return  # closed while it started: nothing new outlives it
         schedulers.extend(self._start_schedulers())
 
     def _start_schedulers(self) -> list[HealthScheduler | DiscoveryRunner]:
@@ -442,6 +444,8 @@ class Balancer:
             return
         for scheduler in old:
             await scheduler.stop()
+        if self._schedulers.get(loop) is not old:
+            return  # closed while the old ones stopped: nothing new outlives it
         old[:] = self._start_schedulers()
 
     def reload(self, config: ConfigInput) -> None:

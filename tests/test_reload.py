@@ -75,3 +75,35 @@ def test_health_checks_follow_a_reload(serve) -> None:
 
     seen = asyncio.run(scenario())
     assert seen.count("/checked") >= 2
+
+
+def test_a_reload_still_restarting_checks_at_close_starts_none_after_it(serve) -> None:
+    # SIGHUP, then SIGTERM before the reload's checks have restarted (what
+    # a supervisor's workers can get while starting): the restart must not
+    # start checks in a balancer already closed, or they outlive it (and
+    # hang the event loop's end if one swallows its cancellation).
+    from tests.upstreams import make_echo_app
+
+    upstream = serve(make_echo_app("a"))
+    checked = {"type": "http", "path": "/checked", "interval": 0.1}
+
+    async def scenario() -> list[asyncio.Task[Any]]:
+        balancer = Balancer(config([upstream.url], health_check=checked))
+        await balancer.astart()
+        await asyncio.sleep(0.05)
+        balancer.reload(config([upstream.url], health_check={**checked, "interval": 0.2}))
+        for _ in range(10):  # the restart's task is made on a coming loop turn
+            await asyncio.sleep(0)
+            if [t for t in asyncio.all_tasks() if "_restart_checks" in repr(t.get_coro())]:
+                break
+        else:
+            raise AssertionError("the reload restarted no checks")
+        await asyncio.sleep(0)  # the restart runs up to its wait for the old checks to stop
+        await balancer.aclose()
+        await asyncio.sleep(0.3)  # the restart, if it went on, has started its checks
+        left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in left:
+            task.cancel()
+        return left
+
+    assert asyncio.run(scenario()) == []
