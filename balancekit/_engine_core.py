@@ -296,12 +296,16 @@ class Attempts:
         answer = None if at_least else latency  # the time of an answer, if any
         self.latency_ms = answer
         pool = self.pool
+        if self.in_budget:
+            # The budget's place first: the other way round, a request
+            # asking in between (another thread) would find this one still
+            # in the budget but no longer among the active requests it is
+            # measured against, and be refused a retry it had room for.
+            pool.release_retry()
+            self.in_budget = False
         pool.release(backend, ok=ok, latency_ms=latency, at_least=at_least)
         if pool.metrics is not None:
             pool.metrics.released(backend, code, None if answer is None else answer / 1000)
-        if self.in_budget:
-            pool.release_retry()
-            self.in_budget = False
         return latency
 
     def answered(self, status: int) -> float | None:
